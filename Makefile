@@ -1,0 +1,48 @@
+# make demo: set everything up and run the main job end to end.
+# make test: set everything up and run the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := espeak-ng libportaudio2 pulseaudio pulseaudio-utils libasound2-plugins
+# librosa's numba cache and our feature cache live inside the checkout unless set.
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
+export SPEECHRNN_CACHE ?= $(CURDIR)/.cache/speechrnn
+
+.PHONY: setup system-packages demo test lint bench clean
+
+setup: system-packages $(VENV)/.installed
+
+# Debian packages: espeak-ng (synthetic speech), PortAudio (microphone), PulseAudio (the
+# virtual microphone the live tests use). Installed when we are root; otherwise we say what to run.
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages:$$missing"; \
+	    echo "install them with: sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,mic]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+demo: setup
+	$(PY) -m speechrnn.demo $(if $(DATA),--data $(DATA),)
+
+bench: setup
+	$(PY) bench/features.py
+
+clean:
+	rm -rf $(VENV) .cache demo-out
