@@ -1,0 +1,40 @@
+"""Shared fixtures: the real recordings in ../shared, small subsets of them, temp caches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "speech_commands"
+
+# Keep test caches out of the user's home; numba's compile cache is shared across runs.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".cache" / "numba"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "README.md").exists():
+        pytest.fail(f"the real recordings are missing: expected {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "cache"
+    monkeypatch.setenv("SPEECHRNN_CACHE", str(path))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, input: bytes | None = None):
+    """Run the real `speechrnn` console entry point in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", "from speechrnn.cli import main; main()", *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout, input=input,
+    )

@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data_prep.audio import fix_length, load_audio
+from data_prep.augment import AugmentConfig, augment, change_speed, time_shift
+from data_prep.dataset import SpeechCommands, TaskConfig
+from data_prep.errors import SpeechRNNError
+from data_prep.extract import FeatureCache, featurize
+from data_prep.features import FeatureConfig, mfcc
+
+
+def test_loads_any_rate_channels_and_format(tmp_path, shared_data):
+    clip = next((shared_data / "yes").iterdir())
+    ref = load_audio(clip)
+    assert ref.dtype == np.float32 and ref.ndim == 1 and 8000 <= len(ref) <= 16000
+    stereo = np.stack([ref, ref], axis=1)
+    sf.write(tmp_path / "s.wav", stereo, 16000, subtype="PCM_24")
+    sf.write(tmp_path / "s.ogg", ref, 16000)
+    sf.write(tmp_path / "r44.wav", np.repeat(ref, 1), 16000)
+    np.testing.assert_allclose(load_audio(tmp_path / "s.wav"), ref, atol=1e-4)
+    assert abs(len(load_audio(tmp_path / "s.ogg")) - len(ref)) <= 1
+    # 44.1 kHz in, 16 kHz out with soxr: the same length in seconds.
+    import soxr
+
+    sf.write(tmp_path / "hi.wav", soxr.resample(ref, 16000, 44100), 44100, subtype="FLOAT")
+    back = load_audio(tmp_path / "hi.wav")
+    assert abs(len(back) - len(ref)) <= 2
+    n = min(len(back), len(ref))
+    assert np.corrcoef(back[:n], ref[:n])[0, 1] > 0.99
+
+
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        (lambda p: p.write_bytes(b""), "cannot decode"),
+        (lambda p: p.write_bytes(b"this is not audio at all" * 10), "cannot decode"),
+        (lambda p: p.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt "), "cannot decode"),
+        (lambda p: sf.write(p, np.zeros(0, np.float32), 16000), "empty"),
+        (lambda p: sf.write(p, np.array([0.1, np.nan, 0.2], np.float32), 16000, subtype="FLOAT"), "NaN"),
+        (lambda p: sf.write(p, np.array([0.1, np.inf], np.float32), 16000, subtype="FLOAT"), "NaN or Inf"),
+        (lambda p: p.mkdir(), "directory"),
+        (lambda p: None, "no such file"),
+    ],
+)
+def test_broken_audio_is_a_clear_error_naming_the_file(tmp_path, make, problem):
+    path = tmp_path / "bad.wav"
+    make(path)
+    with pytest.raises(SpeechRNNError) as err:
+        load_audio(path)
+    assert str(err.value).startswith(str(path)) and problem in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_fix_length():
+    assert len(fix_length(np.ones(10, np.float32), 16)) == 16
+    assert fix_length(np.arange(20.0), 16)[-1] == 15
+    assert fix_length(np.ones((2, 5)), 8).shape == (2, 8)
+
+
+def test_mfcc_shape_and_batch_equals_single(shared_data):
+    config = FeatureConfig()
+    clips = [fix_length(load_audio(p), 16000) for p in sorted((shared_data / "no").iterdir())[:4]]
+    batch = mfcc(np.stack(clips), config)
+    assert batch.shape == (4, 98, 40) and config.shape == (98, 40)
+    np.testing.assert_allclose(batch[2], mfcc(clips[2], config), rtol=0, atol=1e-4)
+    # Features of a window do not depend on the rest of the clip (streaming relies on this).
+    part = mfcc(clips[0][1600 : 1600 + 480 + 160 * 9], config)
+    np.testing.assert_allclose(part, batch[0][10:20], atol=1e-3)
+    assert FeatureConfig.from_dict(config.to_dict()) == config
+    assert FeatureConfig(n_mfcc=13).digest() != config.digest()
+    with pytest.raises(ValueError):
+        FeatureConfig(n_mfcc=60)
+
+
+def test_augmentation_is_deterministic_and_changes_audio(shared_data):
+    waves = np.stack([fix_length(load_audio(p), 16000) for p in sorted((shared_data / "up").iterdir())[:6]])
+    noise = [load_audio(shared_data / "_background_noise_" / "white_noise.flac")[:48000]]
+    config = AugmentConfig(speed_range=0.1, gain_db=6)
+    a = augment(waves, noise, config, np.random.default_rng(7))
+    b = augment(waves, noise, config, np.random.default_rng(7))
+    c = augment(waves, noise, config, np.random.default_rng(8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    assert not np.allclose(a, waves) and a.shape == waves.shape
+    np.testing.assert_array_equal(augment(waves, noise, AugmentConfig.off(), np.random.default_rng(1)), waves)
+    assert np.array_equal(time_shift(np.arange(5.0), 2), [0, 0, 0, 1, 2])
+    assert np.array_equal(time_shift(np.arange(5.0), -2), [2, 3, 4, 0, 0])
+    assert len(change_speed(waves[0], 1.1)) == len(change_speed(waves[0], 0.9)) == 16000
+
+
+def test_feature_cache_second_run_reads_cache(tmp_path, shared_data):
+    dataset = SpeechCommands.open(shared_data)
+    examples = dataset.examples(TaskConfig(), "validation")[::20]
+    first = featurize(examples, cache_dir=tmp_path, show_progress=False)
+    assert first.from_cache == 0 and first.features.shape == (len(examples), 98, 40)
+    second = featurize(examples, cache_dir=tmp_path, show_progress=False)
+    assert second.from_cache == len(examples)
+    np.testing.assert_array_equal(first.features, second.features)
+    # Another config is another cache; a partial hit computes only the rest.
+    assert featurize(examples[:3], FeatureConfig(n_mfcc=13), cache_dir=tmp_path, show_progress=False).from_cache == 0
+    more = dataset.examples(TaskConfig(), "validation")[::19]
+    third = featurize(more, cache_dir=tmp_path, show_progress=False)
+    assert 0 < third.from_cache < len(more)
+    assert len(list(FeatureCache(tmp_path, FeatureConfig()).dir.glob("shard-*.npz"))) == 2
+
+
+def test_featurize_skips_broken_files_and_reports_them(tmp_path, shared_data):
+    from data_prep.dataset import Example
+
+    good = next((shared_data / "go").iterdir())
+    bad = tmp_path / "go" / "x_nohash_0.wav"
+    bad.parent.mkdir()
+    bad.write_bytes(b"garbage")
+    out = featurize([Example(good, "go", "validation"), Example(bad, "go", "validation")], cache_dir=tmp_path,
+                    show_progress=False)
+    assert len(out.examples) == 1 and out.examples[0].path == good
+    assert len(out.errors) == 1 and str(bad) in str(out.errors[0])
