@@ -1,0 +1,265 @@
+"""Synthetic keyword clips from espeak-ng, written in the Speech Commands layout.
+
+Real recordings have too few speakers for rare words and accents; espeak-ng's accents x voice
+variants give hundreds of distinct "speakers" for free. One voice is one speaker id, so the
+dataset's own hash rule keeps a voice out of more than one split, as it does for real people.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from data_prep.audio import fix_length, resample, write_wav
+from data_prep.dataset import BACKGROUND_DIR, COMMANDS, SPLITS, split_by_hash
+from data_prep.errors import SpeechRNNError
+from data_prep.extract import progress
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_WORDS = ("bed", "bird", "cat", "dog", "happy", "house", "marvin", "sheila", "tree", "wow")
+DEFAULT_WORDS = COMMANDS + UNKNOWN_WORDS
+ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
+INSTALL_HINT = "install it with: sudo apt-get install espeak-ng"
+NOISE_SECONDS = 60
+MAX_SPEEDUP = 1.3  # beyond this a squeezed word sounds like a chipmunk; crop the rest instead
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Everything random about one clip, drawn up front so threads cannot change the outcome."""
+
+    word: str
+    voice: str  # "<accent>" or "<accent>+<variant>"
+    speed: int  # words per minute (-s)
+    pitch: int  # 0-99 (-p)
+    amplitude: int  # 0-200 (-a)
+    level: float  # peak of the finished clip
+    position: float  # 0..1: where in the free space the word starts
+    name: str = ""  # <speaker>_nohash_<n>.wav
+
+
+def speaker_id(voice: str) -> str:
+    """A stable 8-hex id per voice, shaped like the real dataset's speaker ids."""
+    return hashlib.sha1(voice.encode("utf-8")).hexdigest()[:8]
+
+
+def espeak_executable() -> str:
+    """The espeak-ng program; SPEECHRNN_ESPEAK overrides it (tests point it at a missing one)."""
+    name = os.environ.get("SPEECHRNN_ESPEAK") or "espeak-ng"
+    path = shutil.which(name)
+    if path is None:
+        where = "" if name == "espeak-ng" else f" (SPEECHRNN_ESPEAK={name} is not an executable)"
+        raise SpeechRNNError(f"espeak-ng is not installed{where}; {INSTALL_HINT}")
+    return path
+
+
+def speak(
+    exe: str, voice: str, text: str, speed: int = 175, pitch: int = 50, amplitude: int = 100
+) -> tuple[np.ndarray, int]:
+    """Run espeak-ng once; text goes through stdin so a word can never be read as an option."""
+    cmd = [exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "-a", str(amplitude), "-b", "1", "--stdout"]
+    try:
+        done = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SpeechRNNError(f"cannot run espeak-ng ({exc}); {INSTALL_HINT}", exe) from None
+    if done.returncode != 0 or len(done.stdout) <= 44:
+        reason = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}, no audio"
+        raise SpeechRNNError(f"espeak-ng failed for voice {voice!r}, text {text!r}: {reason}", exe)
+    samples, rate = sf.read(io.BytesIO(done.stdout), dtype="float32", always_2d=False)
+    return samples, int(rate)
+
+
+@cache
+def voice_variants(exe: str) -> tuple[str, ...]:
+    """The '+variant' names that really change the voice ("" is the plain accent).
+
+    espeak-ng silently falls back to the plain voice for a variant it cannot use, and some
+    variants sound identical (klatt = klatt6 = caleb), so each is probed once and duplicates
+    of an earlier voice are dropped: two names with one sound would be one speaker in two splits.
+    """
+    listing = subprocess.run([exe, "--voices=variant"], capture_output=True, text=True, check=False).stdout
+    names = sorted({m.group(1).strip() for m in re.finditer(r"!v/(.+?)(?: {2,}|\(|$)", listing, re.M)})
+    candidates = ["", *names]
+
+    def probe(variant: str) -> np.ndarray | None:
+        try:
+            return speak(exe, f"en-us+{variant}" if variant else "en-us", "seven")[0]
+        except SpeechRNNError as err:
+            log.info("espeak-ng variant %r fails: %s", variant, err)
+            return None
+
+    with ThreadPoolExecutor(4) as pool:
+        probes = list(pool.map(probe, candidates))
+    kept, seen = [], set()
+    for variant, audio in zip(candidates, probes, strict=True):
+        digest = None if audio is None else hashlib.sha1(audio.tobytes()).hexdigest()
+        if audio is None or np.abs(audio).max() < 1e-3 or digest in seen:
+            log.info("espeak-ng variant %r adds no new voice; skipped", variant)
+            continue
+        seen.add(digest)
+        kept.append(variant)
+    log.info("espeak-ng: %d usable variants of %d listed", len(kept) - 1, len(names))
+    return tuple(kept)
+
+
+def trim_silence(samples: np.ndarray, sample_rate: int, top_db: float = 30.0) -> np.ndarray:
+    """Drop leading/trailing 10 ms frames quieter than top_db below the loudest frame."""
+    hop = sample_rate // 100
+    frames = np.pad(samples, (0, -len(samples) % hop)).reshape(-1, hop)
+    rms = np.sqrt(np.mean(frames**2, axis=1))
+    active = np.flatnonzero(rms > rms.max() * 10 ** (-top_db / 20))
+    if rms.max() <= 0 or active.size == 0:
+        return samples[:0]
+    return samples[active[0] * hop : min(len(samples), (active[-1] + 1) * hop)]
+
+
+def render_clip(exe: str, spec: ClipSpec, sample_rate: int = 16000) -> np.ndarray:
+    """One espeak-ng word -> exactly one second at sample_rate, placed and levelled per spec."""
+    raw, rate = speak(exe, spec.voice, spec.word, spec.speed, spec.pitch, spec.amplitude)
+    speech = trim_silence(resample(raw, rate, sample_rate), sample_rate)
+    if speech.size == 0:
+        raise SpeechRNNError(f"espeak-ng produced silence for {spec.word!r} in voice {spec.voice!r}")
+    if len(speech) > sample_rate:  # squeeze (raising pitch a little), then crop what still sticks out
+        squeezed = max(sample_rate, int(len(speech) / MAX_SPEEDUP))
+        speech = fix_length(resample(speech, len(speech), squeezed), sample_rate)
+    clip = np.zeros(sample_rate, dtype=np.float32)
+    start = int(spec.position * (sample_rate - len(speech)))
+    clip[start : start + len(speech)] = speech * (spec.level / max(float(np.abs(speech).max()), 1e-9))
+    return clip
+
+
+def plan_clips(words: list[str], per_word: int, voices: list[str], seed: int) -> list[ClipSpec]:
+    """Draw every clip's voice and settings. Each word has its own stream (seed, word), so adding
+    a word or changing per_word does not reshuffle the other words' voices."""
+    specs, counts = [], Counter()
+    for word in words:
+        rng = np.random.default_rng([seed, int(hashlib.sha1(word.encode("utf-8")).hexdigest()[:8], 16)])
+        for _ in range(per_word):
+            voice = voices[int(rng.integers(len(voices)))]
+            speaker = speaker_id(voice)
+            name = f"{speaker}_nohash_{counts[word, speaker]}.wav"
+            counts[word, speaker] += 1
+            speed, pitch, amplitude = (int(rng.integers(lo, hi + 1)) for lo, hi in ((110, 220), (20, 80), (70, 130)))
+            level, position = round(float(rng.uniform(0.3, 0.9)), 4), round(float(rng.random()), 4)
+            specs.append(ClipSpec(word, voice, speed, pitch, amplitude, level, position, name))
+    return specs
+
+
+def write_noise(folder: Path, noise_from: str | os.PathLike | None, seed: int, sample_rate: int) -> list[str]:
+    """Copy a real dataset's background noise (silence examples need it), else make white and pink."""
+    folder.mkdir()
+    if noise_from is not None:
+        source = Path(noise_from) / BACKGROUND_DIR
+        files = sorted(p for p in source.glob("*") if p.suffix.lower() in (".wav", ".flac") and p.is_file())
+        if not files:
+            raise SpeechRNNError(f"no .wav/.flac files in {BACKGROUND_DIR}; point --noise-from at a dataset", source)
+        for path in files:
+            shutil.copyfile(path, folder / path.name)
+        return [p.name for p in files]
+    rng = np.random.default_rng([seed, 0x6E6F6973])
+    white = rng.standard_normal(NOISE_SECONDS * sample_rate)
+    spectrum = np.fft.rfft(rng.standard_normal(NOISE_SECONDS * sample_rate))
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))  # 1/f power: pink
+    spectrum[0] = 0.0  # no DC offset
+    pink = np.fft.irfft(spectrum, NOISE_SECONDS * sample_rate)
+    for name, noise in (("white_noise.wav", white), ("pink_noise.wav", pink)):
+        write_wav(folder / name, (0.1 * noise / noise.std()).astype(np.float32), sample_rate)
+    return ["white_noise.wav", "pink_noise.wav"]
+
+
+def _write_clip(exe: str, spec: ClipSpec, root: Path, sample_rate: int) -> None:
+    write_wav(root / spec.word / spec.name, render_clip(exe, spec, sample_rate), sample_rate)
+
+
+def _check_words(words: list[str]) -> list[str]:
+    words = [w.strip() for w in words]
+    for word in words:
+        if not word or word[0] in "._" or "/" in word or "\\" in word:
+            raise SpeechRNNError(f"{word!r} cannot be a word folder; use plain words like 'yes'")
+    if not words or len(set(words)) != len(words):
+        raise SpeechRNNError(f"give each word once (got {', '.join(words) or 'none'})")
+    return words
+
+
+def synthesize_dataset(
+    out: str | os.PathLike,
+    words: list[str],
+    per_word: int,
+    noise_from: str | os.PathLike | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+    sample_rate: int = 16000,
+    workers: int = 2,
+) -> dict:
+    """Write per_word espeak-ng clips of each word to out/<word>/, plus split lists and noise.
+
+    The folder appears only when complete (built in a temp sibling, then renamed). Same seed,
+    same espeak-ng: byte-identical files. "seconds" in the summary is the wall-clock time taken.
+    """
+    began = time.monotonic()
+    words, out = _check_words(list(words)), Path(out)
+    if per_word < 1 or workers < 1:
+        raise SpeechRNNError(f"per_word and workers must be at least 1 (got {per_word}, {workers})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SpeechRNNError("already exists and is not empty; pick another folder or delete it", out)
+    exe = espeak_executable()
+    voices = [f"{a}+{v}" if v else a for a in ACCENTS for v in voice_variants(exe)]
+    specs = plan_clips(words, per_word, voices, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        for word in words:
+            (tmp / word).mkdir()
+        pool = ThreadPoolExecutor(workers)
+        try:
+            jobs = [pool.submit(_write_clip, exe, spec, tmp, sample_rate) for spec in specs]
+            with progress(jobs, "synthesising", show_progress) as bar:
+                for job in bar:
+                    job.result()
+        finally:
+            pool.shutdown(cancel_futures=True)
+        splits = {
+            split: sorted(f"{s.word}/{s.name}" for s in specs if split_by_hash(s.name) == split) for split in SPLITS
+        }
+        for split in ("validation", "testing"):
+            (tmp / f"{split}_list.txt").write_text("".join(f"{rel}\n" for rel in splits[split]))
+        noise = write_noise(tmp / BACKGROUND_DIR, noise_from, seed, sample_rate)
+        # what was drawn for each clip, so a clip can be re-made or traced to its voice
+        record = {"seed": seed, "words": words, "per_word": per_word, "sample_rate": sample_rate, "noise": noise}
+        (tmp / "synth.json").write_text(json.dumps({**record, "clips": [asdict(s) for s in specs]}, indent=1))
+        try:
+            if out.exists():
+                out.rmdir()  # empty when checked above; fails if someone filled it meanwhile
+            os.rename(tmp, out)
+        except OSError as exc:
+            raise SpeechRNNError(f"cannot move the new dataset into place ({exc.strerror}); delete it", out) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = {
+        "clips": len(specs),
+        "words": words,
+        "speakers": len({speaker_id(s.voice) for s in specs}),
+        "seconds": round(time.monotonic() - began, 2),
+        "splits": {k: len(v) for k, v in splits.items()},
+    }
+    log.info("synthesised %d clips of %d words in %.1f s into %s", len(specs), len(words), summary["seconds"], out)
+    return summary

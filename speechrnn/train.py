@@ -1,0 +1,407 @@
+"""Training: Adam with gradient clipping, warm-up + cosine schedule, early stopping, atomic
+checkpoints and exact resume.
+
+A run folder holds: config.json, labels.txt, normalization.json, checkpoints/{last,best}.npz,
+history.csv (with the largest and median global gradient norm before clipping, per epoch),
+curves.png, train.log and summary.json.
+
+Each epoch's data (order, oversampling, augmentation) and Keras' seeds are derived from
+(seed, epoch), so a run resumed after a kill sees exactly the data an unbroken run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.audio import load_audio
+from data_prep.augment import AugmentConfig, augment
+from data_prep.dataset import NOISE_REGIONS, SpeechCommands
+from data_prep.errors import SpeechRNNError
+from data_prep.extract import WaveformLoader, featurize, progress
+from data_prep.features import mfcc_batched
+from speechrnn.models import build_model
+from speechrnn.runconfig import TrainConfig, write_json_atomic, write_text_atomic
+from speechrnn.tfutil import import_tf
+
+log = logging.getLogger(__name__)
+HISTORY_FIELDS = [
+    "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate",
+    "grad_norm_max", "grad_norm_median", "clipped_fraction", "seconds",
+]
+
+
+class TrainingData:
+    """Training waveforms in memory (augmented afresh each epoch) and cached validation features."""
+
+    def __init__(self, config: TrainConfig, show_progress: bool = True):
+        self.config = config
+        task, fc = config.task, config.features
+        train, val, noise_files = [], [], []
+        for folder in config.data:
+            ds = SpeechCommands.open(folder)
+            train += ds.examples(task, "training")
+            val += ds.examples(task, "validation")
+            noise_files += ds.noise_files
+        for folder in config.train_only:
+            ds = SpeechCommands.open(folder)
+            for split in ("training", "validation", "testing"):
+                train += ds.examples(task, split)
+            noise_files += ds.noise_files
+        if config.max_per_label:
+            train = _cap_per_label(train, config.max_per_label, config.seed)
+            val = _cap_per_label(val, config.max_per_label, config.seed + 1)
+        if not train or not val:
+            raise SpeechRNNError(
+                "need both training and validation examples (check validation_list.txt or the speaker ids)",
+                config.data[0] if config.data else None,
+            )
+        self.labels = task.labels
+        index = {label: i for i, label in enumerate(self.labels)}
+        loader = WaveformLoader(fc)
+        waves, kept, errors = [], [], []
+        with progress(train, "loading training audio", show_progress) as bar:
+            for i, ex in enumerate(bar):
+                try:
+                    waves.append(loader.load(ex))
+                    kept.append(i)
+                except SpeechRNNError as err:
+                    errors.append(err)
+        for err in errors:
+            log.warning("skipped: %s", err)
+        self.train_examples = [train[i] for i in kept]
+        self.train_waves = np.stack(waves)
+        self.train_labels = np.array([index[ex.label] for ex in self.train_examples], np.int32)
+        # Noise for mixing: only the training region of each recording.
+        lo, hi = NOISE_REGIONS["training"]
+        self.noise = []
+        for path in dict.fromkeys(noise_files):
+            audio = load_audio(path, fc.sample_rate)
+            self.noise.append(audio[int(len(audio) * lo) : int(len(audio) * hi)])
+        valf = featurize(val, fc, show_progress=show_progress)
+        self.val_examples = valf.examples
+        self.val_x = valf.features
+        self.val_y = np.array([index[ex.label] for ex in valf.examples], np.int32)
+        self.epoch_size = len(self._epoch_indices(np.random.default_rng(0)))
+
+    def _epoch_indices(self, rng: np.random.Generator) -> np.ndarray:
+        """All training examples, plus oversampled copies of scarce labels, shuffled."""
+        counts = np.bincount(self.train_labels, minlength=len(self.labels))
+        floor = int(self.config.balance * np.median(counts[counts > 0]))
+        extra = []
+        for label, count in enumerate(counts):
+            if 0 < count < floor:
+                members = np.flatnonzero(self.train_labels == label)
+                extra.append(rng.choice(members, floor - count, replace=True))
+        idx = np.concatenate([np.arange(len(self.train_labels)), *extra]) if extra else np.arange(len(self.train_labels))
+        return rng.permutation(idx)
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of one epoch, deterministic in (seed, epoch)."""
+        rng = np.random.default_rng([self.config.seed, epoch])
+        idx = self._epoch_indices(rng)
+        waves = augment(self.train_waves[idx], self.noise, self.config.augment, rng, self.config.features.sample_rate)
+        return mfcc_batched(waves, self.config.features), self.train_labels[idx]
+
+
+def _cap_per_label(examples, cap, seed):
+    rng = np.random.default_rng(seed)
+    out, seen = [], {}
+    for i in rng.permutation(len(examples)):
+        ex = examples[i]
+        if seen.get(ex.label, 0) < cap:
+            seen[ex.label] = seen.get(ex.label, 0) + 1
+            out.append(ex)
+    return out
+
+
+class Prefetcher:
+    """Computes the next epoch's features in a background thread while this one trains."""
+
+    def __init__(self, data: TrainingData):
+        self.data = data
+        self._thread = None
+        self._result = None
+        self._epoch = None
+
+    def start(self, epoch: int) -> None:
+        def work():
+            try:
+                self._result = self.data.epoch(epoch)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in get()
+                self._result = exc
+
+        self._epoch, self._result = epoch, None
+        self._thread = threading.Thread(target=work, daemon=True)
+        self._thread.start()
+
+    def get(self, epoch: int):
+        if self._epoch != epoch:
+            self.start(epoch)
+        self._thread.join()
+        result, self._epoch = self._result, None
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+
+def save_npz_atomic(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_weights_npz(path: Path, prefix: str = "model") -> list[np.ndarray]:
+    with np.load(path) as data:
+        n = int(data[f"{prefix}_count"])
+        return [data[f"{prefix}_{i}"] for i in range(n)]
+
+
+def _arrays(prefix: str, values: list[np.ndarray]) -> dict:
+    return {f"{prefix}_count": np.array(len(values)), **{f"{prefix}_{i}": v for i, v in enumerate(values)}}
+
+
+def model_from_run(run_dir: str | os.PathLike, checkpoint: str = "best"):
+    """Rebuild a run's model and load a checkpoint's weights ("best" or "last")."""
+    run_dir = Path(run_dir)
+    config = TrainConfig.load(run_dir / "config.json")
+    norm = json.loads((run_dir / "normalization.json").read_text())
+    model = build_model(config.model, config.features.shape, len(config.task.labels), norm["mean"], norm["variance"])
+    path = run_dir / "checkpoints" / f"{checkpoint}.npz"
+    if not path.exists():
+        raise SpeechRNNError(f"no {checkpoint} checkpoint yet: the run has not finished an epoch", run_dir)
+    model.set_weights(load_weights_npz(path))
+    return config, model
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, report: Callable[[str], None] | None = None,
+                 show_progress: bool = True):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.report = report or log.info
+        self.show_progress = show_progress
+
+    # --- run folder -------------------------------------------------------------------------
+    @classmethod
+    def resume(cls, run_dir, report=None, show_progress=True, epochs: int | None = None) -> Trainer:
+        config = TrainConfig.load(Path(run_dir) / "config.json")
+        if epochs:
+            config.epochs = epochs
+        return cls(config, run_dir, report, show_progress)
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        if not resume and (self.run_dir / "config.json").exists():
+            raise SpeechRNNError("already holds a run: pass --resume to continue it, or choose another --out",
+                                 self.run_dir)
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.config.save(self.run_dir / "config.json")
+        write_text_atomic(self.run_dir / "labels.txt", "\n".join(self.config.task.labels) + "\n")
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict:
+        tf = import_tf()
+        import keras
+
+        cfg = self.config
+        self._prepare_run_dir(resume)
+        self._log_handler = logging.FileHandler(self.run_dir / "train.log")
+        logging.getLogger("speechrnn").addHandler(self._log_handler)
+        try:
+            return self._run(tf, keras, cfg, resume)
+        finally:
+            logging.getLogger("speechrnn").removeHandler(self._log_handler)
+            self._log_handler.close()
+
+    def _run(self, tf, keras, cfg: TrainConfig, resume: bool) -> dict:
+        started = time.time()
+        data = TrainingData(cfg, self.show_progress)
+        labels = data.labels
+        prefetch = Prefetcher(data)
+        state_path = self.run_dir / "checkpoints" / "last.npz"
+        state = {"epoch": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "wait": 0, "history": []}
+        if resume and state_path.exists():
+            with np.load(state_path) as ck:
+                state = json.loads(str(ck["state"]))
+            self.report(f"resuming {self.run_dir} after epoch {state['epoch']}")
+        elif resume:
+            self.report(f"nothing to resume in {self.run_dir}: starting from epoch 1")
+        norm_path = self.run_dir / "normalization.json"
+        first_epoch = state["epoch"] + 1
+        if norm_path.exists():
+            norm = json.loads(norm_path.read_text())
+        else:
+            x0, _ = prefetch.get(0)  # statistics from the first (augmented) epoch: seeded, cheap
+            norm = {"mean": x0.mean(axis=(0, 1)).tolist(), "variance": x0.var(axis=(0, 1)).tolist()}
+            write_json_atomic(norm_path, norm)
+        keras.utils.set_random_seed(cfg.seed)
+        model = build_model(cfg.model, cfg.features.shape, len(labels), norm["mean"], norm["variance"], cfg.seed)
+        steps_per_epoch = math.ceil(data.epoch_size / cfg.batch_size)
+        total_steps = steps_per_epoch * cfg.epochs
+        warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            cfg.learning_rate * 0.1, max(1, total_steps - warmup), alpha=0.01,
+            warmup_target=cfg.learning_rate, warmup_steps=warmup,
+        )
+        optimizer = keras.optimizers.Adam(
+            learning_rate=schedule,
+            global_clipnorm=cfg.clipnorm if cfg.clipnorm > 0 else None,
+            clipvalue=cfg.clipvalue if cfg.clipnorm <= 0 and cfg.clipvalue > 0 else None,
+        )
+        optimizer.build(model.trainable_variables)
+        if resume and state_path.exists():
+            model.set_weights(load_weights_npz(state_path, "model"))
+            for var, value in zip(optimizer.variables, load_weights_npz(state_path, "opt"), strict=True):
+                var.assign(value)
+
+        spec_x = tf.TensorSpec([None, *cfg.features.shape], tf.float32)
+        spec_y = tf.TensorSpec([None], tf.int32)
+
+        @tf.function(input_signature=[spec_x, spec_y])
+        def train_step(x, y):
+            with tf.GradientTape() as tape:
+                probs = model(x, training=True)
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probs))
+            grads = tape.gradient(loss, model.trainable_variables)
+            norm_ = tf.linalg.global_norm(grads)
+            optimizer.apply(grads, model.trainable_variables)
+            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
+            return loss, norm_, correct
+
+        @tf.function(input_signature=[spec_x])
+        def predict(x):
+            return model(x, training=False)
+
+        n_params = int(model.count_params())
+        self.report(f"{cfg.model.name}: {n_params:,} parameters; {len(data.train_examples)} training clips "
+                    f"({data.epoch_size} per epoch with oversampling), {len(data.val_examples)} validation; "
+                    f"labels: {' '.join(labels)}")
+        stopped_early = False
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            if state["wait"] >= cfg.patience:
+                stopped_early = True
+                break
+            t0 = time.time()
+            x, y = prefetch.get(epoch)
+            if epoch < cfg.epochs:
+                prefetch.start(epoch + 1)
+            keras.utils.set_random_seed(cfg.seed * 1000 + epoch)
+            losses, norms, correct = [], [], 0.0
+            batches = range(0, len(x), cfg.batch_size)
+            with progress(batches, f"epoch {epoch}/{cfg.epochs}", self.show_progress and sys.stderr.isatty()) as bar:
+                for start in bar:
+                    loss, gnorm, ok = train_step(x[start : start + cfg.batch_size], y[start : start + cfg.batch_size])
+                    losses.append(float(loss))
+                    norms.append(float(gnorm))
+                    correct += float(ok)
+            if not np.all(np.isfinite(losses)):
+                raise SpeechRNNError(f"training diverged at epoch {epoch} (loss is not finite); try --clipnorm 1 "
+                                     "or a lower --lr", self.run_dir)
+            probs = np.concatenate([predict(data.val_x[i : i + 512]).numpy() for i in range(0, len(data.val_x), 512)])
+            val_loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(probs)), data.val_y], 1e-12))))
+            val_acc = float(np.mean(probs.argmax(1) == data.val_y))
+            norms_arr = np.array(norms)
+            row = {
+                "epoch": epoch, "loss": float(np.mean(losses)), "accuracy": correct / len(x),
+                "val_loss": val_loss, "val_accuracy": val_acc,
+                "learning_rate": float(schedule(int(optimizer.iterations.numpy()))),
+                "grad_norm_max": float(norms_arr.max()), "grad_norm_median": float(np.median(norms_arr)),
+                "clipped_fraction": float(np.mean(norms_arr > cfg.clipnorm)) if cfg.clipnorm > 0 else 0.0,
+                "seconds": round(time.time() - t0, 2),
+            }
+            state["history"].append(row)
+            improved = val_acc > state["best_val_accuracy"]
+            if improved:
+                state.update(best_val_accuracy=val_acc, best_epoch=epoch, wait=0)
+                save_npz_atomic(self.run_dir / "checkpoints" / "best.npz",
+                                {**_arrays("model", model.get_weights()), "epoch": np.array(epoch)})
+            else:
+                state["wait"] += 1
+            state["epoch"] = epoch
+            save_npz_atomic(state_path, {
+                **_arrays("model", model.get_weights()),
+                **_arrays("opt", [v.numpy() for v in optimizer.variables]),
+                "state": np.array(json.dumps(state)),
+            })
+            self._write_history(state["history"])
+            self.report(
+                f"epoch {epoch:3d}/{cfg.epochs}  loss {row['loss']:.3f}  acc {row['accuracy']:.3f}  "
+                f"val_loss {val_loss:.3f}  val_acc {val_acc:.3f}{' *' if improved else '  '}  "
+                f"grad-norm max {row['grad_norm_max']:.2f} median {row['grad_norm_median']:.2f}  "
+                f"lr {row['learning_rate']:.2e}  {row['seconds']:.0f}s"
+            )
+        else:
+            stopped_early = state["epoch"] < cfg.epochs
+        self._plot_curves(state["history"])
+        summary = {
+            "model": cfg.model.name,
+            "parameters": n_params,
+            "labels": labels,
+            "epochs_run": state["epoch"],
+            "stopped_early": stopped_early,
+            "best_epoch": state["best_epoch"],
+            "best_val_accuracy": state["best_val_accuracy"],
+            "train_clips": len(data.train_examples),
+            "val_clips": len(data.val_examples),
+            "data": cfg.data,
+            "train_only": cfg.train_only,
+            "grad_norm_max": max(r["grad_norm_max"] for r in state["history"]) if state["history"] else None,
+            "seconds_this_session": round(time.time() - started, 1),
+        }
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        self.report(f"best validation accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']}; "
+                    f"run folder: {self.run_dir}")
+        return summary
+
+    def _write_history(self, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.run_dir / "history.csv", buf.getvalue())
+
+    def _plot_curves(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ep = [r["epoch"] for r in rows]
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        axes[0].plot(ep, [r["loss"] for r in rows], label="training")
+        axes[0].plot(ep, [r["val_loss"] for r in rows], label="validation")
+        axes[0].set_title("loss")
+        axes[1].plot(ep, [r["accuracy"] for r in rows], label="training")
+        axes[1].plot(ep, [r["val_accuracy"] for r in rows], label="validation")
+        axes[1].set_title("accuracy")
+        axes[2].plot(ep, [r["grad_norm_max"] for r in rows], label="max")
+        axes[2].plot(ep, [r["grad_norm_median"] for r in rows], label="median")
+        if self.config.clipnorm > 0:
+            axes[2].axhline(self.config.clipnorm, color="grey", linestyle="--", label="clip norm")
+        axes[2].set_yscale("log")
+        axes[2].set_title("global gradient norm before clipping")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.legend()
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = self.run_dir / f".curves.png.tmp-{os.getpid()}"
+        fig.savefig(tmp, dpi=90, format="png")
+        plt.close(fig)
+        os.replace(tmp, self.run_dir / "curves.png")

@@ -1,0 +1,138 @@
+"""espeak-ng synthesis with the real program: layout, audio, splits, determinism, errors."""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from data_prep.audio import load_audio
+from data_prep.dataset import BACKGROUND_DIR, SpeechCommands, speaker_of
+from data_prep.errors import SpeechRNNError
+from data_prep.synth import DEFAULT_WORDS, synthesize_dataset
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+WORDS = ["yes", "left", "marvin"]
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("synth") / "data"
+    return out, synthesize_dataset(out, WORDS, 6, seed=3, show_progress=False)
+
+
+def test_default_words_cover_the_task():
+    assert {"yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"} < set(DEFAULT_WORDS)
+    assert len(DEFAULT_WORDS) >= 15  # enough non-commands for _unknown_
+
+
+def test_layout_audio_and_splits(synth_dir):
+    out, summary = synth_dir
+    assert summary["clips"] == 18 and summary["words"] == WORDS
+    assert sum(summary["splits"].values()) == 18
+    starts = set()
+    for word in WORDS:
+        clips = sorted((out / word).glob("*.wav"))
+        assert len(clips) == 6, word
+        for path in clips:
+            assert len(speaker_of(path)) == 8 and "_nohash_" in path.name
+            audio = load_audio(path)
+            assert audio.shape == (16000,)
+            assert np.abs(audio).max() > 0.05
+            # the word sits in digital silence, trimmed tight (sound in its first and last 10 ms)
+            # and not hollow (sound in its middle half)
+            nonzero = np.flatnonzero(audio)
+            span = audio[nonzero[0] : nonzero[-1] + 1]
+            starts.add(int(nonzero[0]))
+            assert 1600 < len(span) <= 16000
+            loudest = max(_rms(span[i : i + 160]) for i in range(0, len(span), 160))
+            assert _rms(span[:160]) > 0.01 * loudest and _rms(span[-160:]) > 0.01 * loudest
+            quarter = len(span) // 4
+            assert np.abs(span[quarter:-quarter]).max() > 0.2 * np.abs(span).max()
+    assert len(starts) > 9  # placed at random, not always at the same spot
+    dataset = SpeechCommands.open(out)
+    assert dataset.split_source == "lists" and len(dataset.clips) == 18
+    assert set(dataset.words) == set(WORDS)
+    splits_of = defaultdict(set)
+    for clip in dataset.clips:
+        splits_of[clip.speaker].add(clip.split)
+    assert all(len(s) == 1 for s in splits_of.values())
+    assert (out / "validation_list.txt").exists() and (out / "testing_list.txt").exists()
+    assert sorted(p.name for p in (out / BACKGROUND_DIR).iterdir()) == ["pink_noise.wav", "white_noise.wav"]
+    assert len(load_audio(out / BACKGROUND_DIR / "pink_noise.wav")) == 60 * 16000
+    assert not list(out.parent.glob(".data.tmp-*"))  # the temp folder was renamed, not left behind
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path, synth_dir):
+    out, _ = synth_dir
+    again = tmp_path / "again"
+    synthesize_dataset(again, WORDS, 6, seed=3, show_progress=False, workers=1)
+    assert _files(again) == _files(out)
+    other = tmp_path / "other"
+    synthesize_dataset(other, WORDS, 6, seed=4, show_progress=False)
+    assert _files(other) != _files(out)
+
+
+def test_noise_is_copied_from_another_dataset(tmp_path, synth_dir):
+    out, _ = synth_dir
+    copy = tmp_path / "copy"
+    synthesize_dataset(copy, ["go"], 1, noise_from=out, show_progress=False)
+    assert _files(copy / BACKGROUND_DIR) == _files(out / BACKGROUND_DIR)
+    with pytest.raises(SpeechRNNError, match="--noise-from"):
+        synthesize_dataset(tmp_path / "bad", ["go"], 1, noise_from=tmp_path / "copy" / "go", show_progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_espeak(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEECHRNN_ESPEAK", str(tmp_path / "nonexistent"))
+    with pytest.raises(SpeechRNNError, match="apt-get install espeak-ng"):
+        synthesize_dataset(tmp_path / "out", ["yes"], 1, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_espeak_via_cli(tmp_path):
+    result = run_cli(
+        "data",
+        "synth",
+        "--out",
+        str(tmp_path / "out"),
+        "--per-word",
+        "1",
+        "--words",
+        "yes",
+        env={"SPEECHRNN_ESPEAK": "/nonexistent"},
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error:") and "apt-get" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_refuses_a_non_empty_out(tmp_path, synth_dir):
+    out, _ = synth_dir
+    before = _files(out)
+    with pytest.raises(SpeechRNNError, match="pick another folder or delete it"):
+        synthesize_dataset(out, ["go"], 1, show_progress=False)
+    assert _files(out) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert synthesize_dataset(empty, ["go"], 2, show_progress=False)["clips"] == 2
+
+
+@pytest.mark.parametrize("words", [["yes", "yes"], [BACKGROUND_DIR], ["a/b"], []])
+def test_bad_words(tmp_path, words):
+    with pytest.raises(SpeechRNNError):
+        synthesize_dataset(tmp_path / "out", words, 1, show_progress=False)
