@@ -173,7 +173,7 @@ def featurize(
             range(len(misses)), "extracting MFCC", show_progress
         ) as bar:
             for positions, feats, errs in pool.map(work, chunks):
-                computed.update(zip(positions, feats))
+                computed.update(zip(positions, feats, strict=False))
                 errors.extend(errs)
                 if hasattr(bar, "update"):
                     bar.update(len(positions) + len(errs))

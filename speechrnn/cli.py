@@ -115,5 +115,141 @@ def data_synth(out: str, words: str | None, per_word: int, noise_from: str | Non
     click.echo(f"wrote {summary['clips']} clips of {len(summary['words'])} words to {out}")
 
 
+@main.command()
+@click.option("--data", "data", multiple=True, type=click.Path(file_okay=False),
+              help="Speech Commands folder: its training split trains, its validation split selects (repeatable).")
+@click.option("--train-only", multiple=True, type=click.Path(file_okay=False),
+              help="Folder whose clips all train, e.g. synthetic speech (repeatable).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run folder to create (or resume).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True),
+              help="A recipe (TrainConfig JSON, e.g. recipes/default.json); the options below override it.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
+@click.option("--words", default=None, help="Comma-separated command words (default: the 10 standard ones).")
+@click.option("--cell", type=click.Choice(["gru", "lstm"]), default=None, help="Recurrent cell [gru].")
+@click.option("--layers", type=click.IntRange(1), default=None, help="Stacked recurrent layers [2].")
+@click.option("--units", type=click.IntRange(1), default=None, help="Units per direction [64].")
+@click.option("--bidirectional/--unidirectional", default=None, help="Bidirectional layers [bidirectional].")
+@click.option("--pooling", type=click.Choice(["last", "mean", "attention"]), default=None, help="Head [attention].")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout [0.2].")
+@click.option("--clipnorm", type=click.FloatRange(0), default=None, help="Global gradient-norm clip, 0 = off [1.0].")
+@click.option("--clipvalue", type=click.FloatRange(0), default=None, help="Per-value clip, used when --clipnorm 0.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Maximum epochs [30].")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Batch size [64].")
+@click.option("--lr", "learning_rate", type=click.FloatRange(0, min_open=True), default=None, help="Peak learning rate [3e-3].")
+@click.option("--patience", type=click.IntRange(1), default=None, help="Early-stopping patience in epochs [8].")
+@click.option("--no-augment", is_flag=True, help="Train without noise mixing, shifts and masking.")
+@click.option("--max-per-label", type=click.IntRange(0), default=None, help="Cap clips per label (quick runs).")
+@click.option("--seed", type=int, default=None, help="Random seed [0].")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
+              help="Also export the best checkpoint to this folder when training ends.")
+@_report_errors
+def train(data, train_only, out, config_file, resume, words, export_dir, no_augment, **options) -> None:
+    """Train a stacked recurrent keyword classifier into the run folder OUT."""
+    from speechrnn.train import Trainer
+    from speechrnn.training_setup import make_train_config
+
+    report = functools.partial(click.echo, err=True)
+    if resume:
+        trainer = Trainer.resume(out, report=report, epochs=options.get("epochs"))
+    else:
+        if not data and not config_file:
+            raise click.UsageError("give --data DIR (or a --config recipe that names its data)")
+        config = make_train_config(config_file, data, train_only, words, no_augment, options)
+        trainer = Trainer(config, out, report=report)
+    trainer.run(resume=resume)
+    if export_dir:
+        from speechrnn.export import export_run
+
+        click.echo(f"exported: {export_run(out, export_dir)}", err=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@_report_errors
+def export(run_dir: str, out: str, checkpoint: str) -> None:
+    """Export RUN_DIR's best checkpoint as a SavedModel in OUT (atomically)."""
+    from speechrnn.export import export_run
+
+    path = export_run(run_dir, out, checkpoint)
+    click.echo(f"exported {run_dir} ({checkpoint} checkpoint) to {path}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("data", type=click.Path())
+@click.option("--split", type=click.Choice(["testing", "validation", "all"]), default="testing", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the confusion matrix as a PNG.")
+@_report_errors
+def evaluate(model: str, data: str, split: str, as_json: bool, plot: str | None) -> None:
+    """Accuracy, per-class precision/recall and confusion matrix of MODEL on DATA.
+
+    DATA is a dataset folder (its split lists) or a folder whose sub-folders are labels
+    (yes/, _silence_/, _unknown_/; any other word counts as _unknown_).
+    """
+    from speechrnn.evaluate import evaluate as run_evaluation
+    from speechrnn.evaluate import format_report, plot_confusion
+
+    report = run_evaluation(model, data, split)
+    if plot:
+        plot_confusion(report, plot)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="[MODEL] FILE...")
+@click.option("--model", "model_opt", type=click.Path(), default=None, help="Model folder [models/default].")
+@click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
+@_report_errors
+def classify(inputs: tuple[str, ...], model_opt: str | None, top_k: int, as_json: bool) -> None:
+    """Classify audio FILEs (any rate, channels, WAV/FLAC/OGG) with MODEL (default models/default).
+
+    A file longer than one second is scored in 1 s windows every 100 ms; the answer is the
+    window with the highest score for a class other than _silence_. Exit status 1 if any file
+    failed.
+    """
+    from speechrnn.recognizer import Recognizer
+
+    model, files = model_opt, list(inputs)
+    if model is None and len(files) > 1 and _looks_like_model(files[0]):
+        model, files = files[0], files[1:]
+    rec = Recognizer(model)
+    failed = 0
+    for result in rec.classify_files(files, top_k):
+        if result.error is not None:
+            failed += 1
+            if as_json:
+                click.echo(json.dumps(result.to_json()))
+            else:
+                click.echo(f"error: {result.path}: {result.error}", err=True)
+            continue
+        if as_json:
+            click.echo(json.dumps(result.to_json()))
+        else:
+            others = "  ".join(f"{label} {p:.3f}" for label, p in result.top[1:])
+            click.echo(f"{result.path}\t{result.label}\t{result.score:.3f}" + (f"\t({others})" if others else ""))
+    sys.exit(1 if failed else 0)
+
+
+def _looks_like_model(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_dir() and (Path(path) / "saved_model.pb").exists()
+
+
+@main.command()
+@click.argument("model", type=click.Path(), required=False)
+@click.option("--json", "as_json", is_flag=True)
+@_report_errors
+def info(model: str | None, as_json: bool) -> None:
+    """What MODEL is (default models/default): labels, features, architecture, training, metrics."""
+    from speechrnn.info import describe_model
+
+    click.echo(describe_model(model, as_json))
+
+
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.audio import load_audio
-from data_prep.augment import AugmentConfig, augment
+from data_prep.augment import augment
 from data_prep.dataset import NOISE_REGIONS, SpeechCommands
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import WaveformLoader, featurize, progress

@@ -116,3 +116,24 @@ def test_featurize_skips_broken_files_and_reports_them(tmp_path, shared_data):
                     show_progress=False)
     assert len(out.examples) == 1 and out.examples[0].path == good
     assert len(out.errors) == 1 and str(bad) in str(out.errors[0])
+
+
+def librosa_reference_mfcc(waves: np.ndarray, config: FeatureConfig) -> np.ndarray:
+    import librosa
+
+    power = librosa.feature.melspectrogram(
+        y=waves, sr=config.sample_rate, n_fft=config.window_samples, hop_length=config.hop_samples,
+        window="hann", center=False, power=2.0, n_mels=config.n_mels, fmin=config.fmin, fmax=config.fmax,
+    )
+    coeffs = librosa.feature.mfcc(S=10 * np.log10(np.maximum(power, 1e-10)), n_mfcc=config.n_mfcc, norm="ortho")
+    return np.swapaxes(coeffs, -1, -2)
+
+
+@pytest.mark.parametrize("config", [FeatureConfig(), FeatureConfig(window_ms=25, hop_ms=20, n_mels=64, n_mfcc=20)])
+def test_mfcc_equals_librosa_feature_mfcc(shared_data, config):
+    """Our numpy MFCC is librosa's MFCC: within 5e-3 absolute on coefficients spanning hundreds."""
+    files = [sorted((shared_data / w).iterdir())[1] for w in ("on", "right", "cat")]
+    waves = np.stack([fix_length(load_audio(f), 16000) for f in files] + [np.zeros(16000, np.float32)])
+    ours = mfcc(waves, config)
+    assert ours.shape == (4, config.num_frames, config.n_mfcc)
+    np.testing.assert_allclose(ours, librosa_reference_mfcc(waves, config), rtol=0, atol=5e-3)

@@ -5,8 +5,16 @@ import pytest
 
 from conftest import run_cli
 from data_prep.dataset import (
-    COMMANDS, SILENCE, SPLITS, UNKNOWN, SpeechCommands, TaskConfig, flat_folder_examples, label_counts,
-    speaker_of, split_by_hash,
+    COMMANDS,
+    SILENCE,
+    SPLITS,
+    UNKNOWN,
+    SpeechCommands,
+    TaskConfig,
+    flat_folder_examples,
+    label_counts,
+    speaker_of,
+    split_by_hash,
 )
 from data_prep.errors import SpeechRNNError
 

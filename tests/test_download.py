@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import run_cli
 
+from conftest import run_cli
 from data_prep.dataset import SpeechCommands
 from data_prep.download import MARKER, download_dataset, partial_path
 from data_prep.errors import SpeechRNNError

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from data_prep.audio import load_audio
 from data_prep.dataset import BACKGROUND_DIR, SpeechCommands, speaker_of
 from data_prep.errors import SpeechRNNError

@@ -1,0 +1,126 @@
+"""Evaluate an exported model: accuracy, per-class precision/recall, confusion matrix (JSON, PNG)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.dataset import SPLITS, SpeechCommands, TaskConfig, flat_folder_examples, is_dataset_folder
+from data_prep.errors import SpeechRNNError
+from data_prep.extract import WaveformLoader
+from speechrnn.recognizer import Recognizer
+
+log = logging.getLogger(__name__)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval: honest bounds for small counts (e.g. 6 'on' clips)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
+def metrics_from_predictions(truth: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
+    n = len(labels)
+    cm = np.zeros((n, n), np.int64)
+    np.add.at(cm, (truth, predicted), 1)
+    per_class = {}
+    for i, label in enumerate(labels):
+        support, predicted_as = int(cm[i].sum()), int(cm[:, i].sum())
+        hits = int(cm[i, i])
+        per_class[label] = {
+            "support": support,
+            "recall": hits / support if support else None,
+            "precision": hits / predicted_as if predicted_as else None,
+            "recall_95ci": list(wilson_interval(hits, support)) if support else None,
+        }
+    total = int(cm.sum())
+    correct = int(np.trace(cm))
+    return {"accuracy": correct / total if total else None, "accuracy_95ci": list(wilson_interval(correct, total)),
+            "examples": total, "labels": labels, "per_class": per_class, "confusion_matrix": cm.tolist()}
+
+
+def evaluation_examples(data: str | os.PathLike, labels: list[str], task: TaskConfig, split: str):
+    """A dataset folder (its split lists, the model's task sampling) or a flat label-folder tree."""
+    data = Path(data)
+    if not data.is_dir():
+        raise SpeechRNNError("not a folder (expected a dataset or a folder of label sub-folders)", data)
+    if is_dataset_folder(data):
+        dataset = SpeechCommands.open(data)
+        splits = SPLITS if split == "all" else (split,)
+        examples = [ex for s in splits for ex in dataset.examples(task, s)]
+        if not examples:
+            raise SpeechRNNError(f"no {split} examples in this dataset; try --split validation", data)
+        return examples
+    return flat_folder_examples(data, labels)
+
+
+def evaluate(model_dir: str | os.PathLike | None, data: str | os.PathLike, split: str = "testing",
+             recognizer: Recognizer | None = None) -> dict:
+    rec = recognizer or Recognizer(model_dir)
+    task = TaskConfig.from_dict(rec.meta["task"]) if "task" in rec.meta else TaskConfig()
+    examples = evaluation_examples(data, rec.labels, task, split)
+    waves, kept, errors = WaveformLoader(rec.features).load_many(examples)
+    for err in errors:
+        log.warning("skipped: %s", err)
+    if not kept:
+        raise SpeechRNNError("none of the files could be read", data)
+    probs = rec.probabilities(waves)
+    truth = np.array([rec.labels.index(examples[i].label) for i in kept])
+    report = metrics_from_predictions(truth, probs.argmax(1), rec.labels)
+    report.update(model=str(rec.model_dir), data=str(data), split=split, skipped=[str(e) for e in errors])
+    return report
+
+
+def plot_confusion(report: dict, path: str | os.PathLike) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.array(report["confusion_matrix"], dtype=float)
+    labels = report["labels"]
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(labels), 0.8 + 0.6 * len(labels)))
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if rows[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    acc = report["accuracy"]
+    ax.set_title(f"{Path(report['model']).name} on {Path(report['data']).name} ({report['split']}): "
+                 f"accuracy {acc:.3f}, n={report['examples']}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"accuracy {report['accuracy']:.4f} on {report['examples']} clips "
+             f"(95% CI {report['accuracy_95ci'][0]:.3f}-{report['accuracy_95ci'][1]:.3f})",
+             f"{'label':<12}{'support':>8}{'precision':>11}{'recall':>8}   recall 95% CI"]
+    for label, m in report["per_class"].items():
+        if not m["support"] and m["precision"] is None:
+            continue
+        prec = f"{m['precision']:.3f}" if m["precision"] is not None else "-"
+        rec = f"{m['recall']:.3f}" if m["recall"] is not None else "-"
+        ci = f"{m['recall_95ci'][0]:.2f}-{m['recall_95ci'][1]:.2f}" if m["recall_95ci"] else ""
+        lines.append(f"{label:<12}{m['support']:>8}{prec:>11}{rec:>8}   {ci}")
+    if report.get("skipped"):
+        lines.append(f"skipped {len(report['skipped'])} unreadable files")
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""`speechrnn info`: what an exported model is and how well it did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from speechrnn.recognizer import default_model_dir, read_metadata
+
+
+def model_size_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+
+
+def describe_model(model_dir: str | None, as_json: bool = False) -> str:
+    path = Path(model_dir) if model_dir else default_model_dir()
+    meta = read_metadata(path)
+    if as_json:
+        return json.dumps({**meta, "path": str(path), "size_bytes": model_size_bytes(path)}, indent=2)
+    model, training = meta.get("model", {}), meta.get("training", {})
+    feats = meta["features"]
+    lines = [
+        f"model       {path} ({model_size_bytes(path) / 1e6:.2f} MB on disk)",
+        f"labels      {' '.join(meta['labels'])}",
+        f"network     {model.get('name', '?')}, {model.get('parameters', 0):,} parameters",
+        f"features    MFCC {feats['n_mfcc']} x {feats['n_mels']} mels, window {feats['window_ms']} ms, "
+        f"hop {feats['hop_ms']} ms, {feats['sample_rate']} Hz, {feats['clip_seconds']} s clips",
+        f"trained     {training.get('epochs_run', '?')} epochs (best {training.get('best_epoch', '?')}), "
+        f"{training.get('train_clips', '?')} training clips; created {meta.get('created', '?')}",
+    ]
+    for name, metrics in meta.get("metrics", {}).items():
+        if metrics.get("accuracy") is None:
+            continue
+        recalls = {k: v["recall"] for k, v in metrics.get("per_class", {}).items() if v.get("recall") is not None}
+        worst = min(recalls, key=recalls.get) if recalls else None
+        lines.append(f"{name:<12}accuracy {metrics['accuracy']:.4f} on {metrics.get('examples', '?')} clips"
+                     + (f"; lowest recall {worst} {recalls[worst]:.3f}" if worst else ""))
+    return "\n".join(lines)

@@ -1,0 +1,236 @@
+"""The model pipeline for real: train a tiny model with the CLI, export it, load the SavedModel
+back (also where speechrnn cannot be imported), evaluate and classify."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import run_cli
+from data_prep.audio import fix_length, load_audio
+from data_prep.dataset import SpeechCommands, TaskConfig
+from data_prep.features import FeatureConfig, mfcc
+
+WORDS = "yes,no,up,down"
+TRAIN_ARGS = ["--words", WORDS, "--units", "32", "--max-per-label", "100", "--epochs", "6", "--lr", "0.005",
+              "--batch-size", "32", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shared_data):
+    """A tiny 2x BiGRU-32 on ~100 clips per label for 6 epochs, trained and exported by the CLI."""
+    base = tmp_path_factory.mktemp("pipeline")
+    run, export = base / "run", base / "export"
+    env = {"SPEECHRNN_CACHE": str(base / "cache")}
+    result = run_cli("train", "--data", str(shared_data), "--out", str(run), *TRAIN_ARGS,
+                     "--export", str(export), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"run": run, "export": export, "env": env, "stderr": result.stderr, "data": shared_data}
+
+
+def held_out_clips(shared_data, n=40):
+    """Validation-split clips of the test words: speakers the tiny model never trained on."""
+    dataset = SpeechCommands.open(shared_data)
+    task = TaskConfig(tuple(WORDS.split(",")))
+    examples = [ex for ex in dataset.examples(task, "validation") if not ex.is_cut and ex.label in task.words]
+    return examples[:: max(1, len(examples) // n)][:n]
+
+
+def test_run_folder_holds_everything(trained):
+    run = trained["run"]
+    for name in ("config.json", "labels.txt", "normalization.json", "history.csv", "curves.png", "summary.json",
+                 "train.log", "checkpoints/best.npz", "checkpoints/last.npz"):
+        assert (run / name).exists(), name
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (run / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,grad_norm_max,grad_norm_median")
+    assert len(rows) == 7
+    config = json.loads((run / "config.json").read_text())
+    assert config["features"] == FeatureConfig().to_dict() and config["clipnorm"] == 1.0
+    assert "epoch   6/6" in trained["stderr"] and "grad-norm max" in trained["stderr"]
+    summary = json.loads((run / "summary.json").read_text())
+    history = [dict(zip(rows[0].split(","), r.split(","), strict=True)) for r in rows[1:]]
+    best = max(history, key=lambda r: float(r["val_accuracy"]))
+    assert summary["best_epoch"] == int(best["epoch"])  # the best checkpoint, not the last, is kept
+
+
+def test_export_contract(trained):
+    export = trained["export"]
+    labels = (export / "assets" / "labels.txt").read_text().split()
+    assert labels == ["_silence_", "_unknown_", *WORDS.split(",")]
+    meta = json.loads((export / "assets" / "speechrnn.json").read_text())
+    assert meta["features"] == FeatureConfig().to_dict() and meta["labels"] == labels
+    assert meta["training"]["best_epoch"] >= 1 and meta["metrics"]["validation"]["accuracy"] > 0
+    shown = subprocess.run([str(Path(sys.executable).parent / "saved_model_cli"), "show", "--dir", str(export), "--all"],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    for needed in ("signature_def['serving_default']", "signature_def['mfcc']", "waveform", "probabilities"):
+        assert needed in shown.stdout
+
+
+def test_saved_model_loads_without_speechrnn_and_matches_the_keras_model(trained, tmp_path):
+    examples = held_out_clips(trained["data"], 8)
+    waves = np.stack([fix_length(load_audio(ex.path), 16000) for ex in examples])
+    np.save(tmp_path / "waves.npy", waves)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        for name in ("speechrnn", "data_prep", "librosa"):
+            sys.modules[name] = None  # importing any of them now fails
+        import tensorflow as tf
+        model = tf.saved_model.load({str(trained['export'])!r})
+        waves = np.load({str(tmp_path / 'waves.npy')!r})
+        out = model.signatures["serving_default"](waveform=tf.constant(waves))
+        np.save({str(tmp_path / 'probs.npy')!r}, out["probabilities"].numpy())
+        print(" ".join(label.decode() for label in out["label"].numpy()))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    probs = np.load(tmp_path / "probs.npy")
+    assert probs.shape == (8, 6) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+    from speechrnn.train import model_from_run
+
+    _, model = model_from_run(trained["run"], "best")
+    keras_probs = model.predict(mfcc(waves, FeatureConfig()), verbose=0)
+    np.testing.assert_allclose(probs, keras_probs, atol=1e-4)  # librosa features + Keras == in-graph + SavedModel
+    labels = result.stdout.split()
+    assert labels == [["_silence_", "_unknown_", "yes", "no", "up", "down"][i] for i in keras_probs.argmax(1)]
+
+
+def test_in_graph_mfcc_equals_librosa_on_real_clips(shared_data):
+    """Tolerance: 2e-3 absolute on coefficients that span about -600..+200 (measured max 3.2e-4)."""
+    from data_prep.features import mfcc_constants
+    from speechrnn.export import tf_mfcc
+    from speechrnn.tfutil import import_tf
+
+    tf = import_tf()
+    config = FeatureConfig()
+    files = [sorted((shared_data / w).iterdir())[5] for w in ("yes", "off", "happy", "left")]
+    files.append(shared_data / "_background_noise_" / "running_tap.flac")
+    waves = np.stack([fix_length(load_audio(f), 16000) for f in files] + [np.zeros(16000, np.float32)])
+    consts = {k: tf.constant(v) for k, v in mfcc_constants(config).items()}
+    in_graph = tf_mfcc(tf, tf.constant(waves), config, consts).numpy()
+    np.testing.assert_allclose(in_graph, mfcc(waves, config), rtol=0, atol=2e-3)
+
+
+def test_xla_signatures_agree_with_plain_ones(trained):
+    from speechrnn.recognizer import Recognizer
+
+    rec = Recognizer(trained["export"])
+    waves = np.stack([fix_length(load_audio(ex.path), 16000) for ex in held_out_clips(trained["data"], 3)])
+    np.testing.assert_allclose(rec.probabilities(waves, xla=True), rec.probabilities(waves), atol=1e-4)
+    np.testing.assert_allclose(rec.probabilities_from_mfcc(mfcc(waves), xla=True), rec.probabilities(waves), atol=1e-4)
+
+
+def test_evaluate_is_clearly_above_chance_on_unseen_speakers(trained, tmp_path):
+    plot = tmp_path / "cm.png"
+    result = run_cli("evaluate", str(trained["export"]), str(trained["data"]), "--split", "validation", "--json",
+                     "--plot", str(plot), env=trained["env"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    # 6 classes, largest class about a quarter of the validation set: chance is at most ~0.25.
+    assert report["accuracy"] > 0.45, report["accuracy"]
+    assert np.array(report["confusion_matrix"]).sum() == report["examples"]
+    assert set(report["per_class"]) == {"_silence_", "_unknown_", "yes", "no", "up", "down"}
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    testing = run_cli("evaluate", str(trained["export"]), str(trained["data"]))
+    assert testing.returncode == 1 and "no testing examples" in testing.stderr and "Traceback" not in testing.stderr
+
+
+def test_evaluate_flat_folder(trained, tmp_path):
+    flat = tmp_path / "flat"
+    for folder, src in (("yes", "yes"), ("down", "down"), ("marvin", "marvin"), ("_silence_", None)):
+        (flat / folder).mkdir(parents=True)
+        if src:
+            for f in sorted((trained["data"] / src).iterdir())[:3]:
+                (flat / folder / f.name).symlink_to(f)
+        else:
+            sf.write(flat / folder / "quiet.wav", np.zeros(16000, np.float32), 16000)
+    result = run_cli("evaluate", str(trained["export"]), str(flat), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["examples"] == 10
+    assert report["per_class"]["_unknown_"]["support"] == 3 and report["per_class"]["_silence_"]["support"] == 1
+
+
+def _bad_files(tmp: Path) -> dict[str, Path]:
+    bad = {
+        "empty": tmp / "empty.wav", "not_audio": tmp / "notes.wav", "truncated": tmp / "truncated.wav",
+        "nan": tmp / "nan.wav", "directory": tmp / "adir.wav", "missing": tmp / "missing.wav",
+    }
+    bad["empty"].write_bytes(b"")
+    bad["not_audio"].write_text("hello, this is text\n" * 20)
+    sf.write(tmp / "full.wav", np.zeros(8000, np.float32), 16000)
+    bad["truncated"].write_bytes((tmp / "full.wav").read_bytes()[:30])
+    sf.write(bad["nan"], np.array([0.0, np.nan] * 4000, np.float32), 16000, subtype="FLOAT")
+    bad["directory"].mkdir()
+    return bad
+
+
+def test_classify_good_and_bad_files(trained, tmp_path):
+    good = [ex.path for ex in held_out_clips(trained["data"], 4)]
+    # Other rates, channels, bit depths, formats and lengths.
+    clip = load_audio(good[0])
+    import soxr
+
+    sf.write(tmp_path / "stereo44k.ogg", np.stack([soxr.resample(clip, 16000, 44100)] * 2, axis=1), 44100)
+    sf.write(tmp_path / "u8.wav", clip, 16000, subtype="PCM_U8")
+    sf.write(tmp_path / "long.wav", np.concatenate([np.zeros(24000), clip, np.zeros(20000)]).astype(np.float32), 16000)
+    sf.write(tmp_path / "short.wav", clip[:4000], 16000)
+    extra = [tmp_path / n for n in ("stereo44k.ogg", "u8.wav", "long.wav", "short.wav")]
+    bad = _bad_files(tmp_path)
+    files = [*map(str, good), *map(str, extra), *map(str, bad.values())]
+    result = run_cli("classify", str(trained["export"]), *files, "--json", "--top-k", "2")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["path"] for o in objects] == files
+    ok = [o for o in objects if "error" not in o]
+    assert len(ok) == len(good) + len(extra)
+    for o in ok:
+        assert o["label"] == o["top"][0][0] and len(o["top"]) == 2 and 0 < o["score"] <= 1
+    errors = {Path(o["path"]).name: o["error"] for o in objects if "error" in o}
+    assert set(errors) == {p.name for p in bad.values()}
+    assert "empty" in errors["empty.wav"] or "decode" in errors["empty.wav"]
+    assert "NaN" in errors["nan.wav"] and "directory" in errors["adir.wav"] and "no such file" in errors["missing.wav"]
+
+    text = run_cli("classify", str(trained["export"]), str(good[0]), str(bad["nan"]))
+    assert text.returncode == 1
+    assert text.stderr.strip() == f"error: {bad['nan']}: the audio contains NaN or Inf samples"
+    assert text.stdout.startswith(str(good[0]) + "\t")
+    assert run_cli("classify", str(trained["export"]), str(good[0])).returncode == 0
+
+
+def test_classify_rejects_a_folder_that_is_not_a_model(tmp_path, shared_data):
+    clip = str(next((shared_data / "yes").iterdir()))
+    result = run_cli("classify", "--model", str(tmp_path), clip)
+    assert result.returncode == 1 and "not a speechrnn export" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_info_shows_metrics(trained):
+    result = run_cli("info", str(trained["export"]))
+    assert result.returncode == 0, result.stderr
+    assert "2xbigru32-attention" in result.stdout and "validation  accuracy" in result.stdout
+    assert json.loads(run_cli("info", str(trained["export"]), "--json").stdout)["size_bytes"] > 0
+
+
+def test_long_file_rule_picks_the_most_confident_non_silence_window(trained):
+    from speechrnn.recognizer import Recognizer
+
+    rec = Recognizer(trained["export"])  # labels: _silence_ _unknown_ yes no up down
+    windows = rec.windows(np.arange(16000 + 1600 * 3 + 5, dtype=np.float32))
+    assert windows.shape == (5, 16000) and windows[-1][-1] == 16000 + 1600 * 3 + 4  # the end is covered
+    assert rec.windows(np.ones(7000, np.float32)).shape == (1, 16000)
+    probs = np.array([[0.95, 0.01, 0.01, 0.01, 0.01, 0.01],   # confident silence
+                      [0.30, 0.10, 0.50, 0.05, 0.05, 0.00],   # yes 0.5
+                      [0.10, 0.05, 0.05, 0.70, 0.05, 0.05]])  # no 0.7: the answer
+    assert rec.pick_window(probs).argmax() == 3
+    only_silence = np.array([[0.6, 0.1, 0.1, 0.1, 0.05, 0.05], [0.9, 0.02, 0.02, 0.02, 0.02, 0.02]])
+    assert rec.pick_window(only_silence)[0] == 0.9

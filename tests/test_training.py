@@ -1,0 +1,102 @@
+"""Training survives a kill: resume continues where it stopped; exports are atomic."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+ARGS = ["--words", "yes,no", "--units", "16", "--layers", "1", "--max-per-label", "40", "--epochs", "4",
+        "--batch-size", "16", "--seed", "5", "--clipnorm", "0.05"]
+
+
+def history(run: Path) -> list[dict]:
+    path = run / "history.csv"
+    return list(csv.DictReader(path.open())) if path.exists() else []
+
+
+def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from speechrnn.cli import main; main()", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"process ended early: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("timed out")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shared_data):
+    base = tmp_path_factory.mktemp("resume")
+    env = {"SPEECHRNN_CACHE": str(base / "cache")}
+    killed, unbroken = base / "killed", base / "unbroken"
+    proc = start_cli("train", "--data", str(shared_data), "--out", str(killed), *ARGS, env=env)
+    wait_for(lambda: len(history(killed)) >= 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = history(killed)
+    resumed = run_cli("train", "--out", str(killed), "--resume", env=env)
+    fresh = run_cli("train", "--data", str(shared_data), "--out", str(unbroken), *ARGS, env=env)
+    return {"killed": killed, "unbroken": unbroken, "before": before, "resumed": resumed, "fresh": fresh}
+
+
+def test_resume_after_kill_ends_where_an_unbroken_run_does(runs):
+    assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-2000:]
+    assert runs["fresh"].returncode == 0, runs["fresh"].stderr[-2000:]
+    assert "resuming" in runs["resumed"].stderr
+    resumed, unbroken = history(runs["killed"]), history(runs["unbroken"])
+    assert [int(r["epoch"]) for r in resumed] == [1, 2, 3, 4] == [int(r["epoch"]) for r in unbroken]
+    killed_at = len(runs["before"])
+    assert resumed[:killed_at] == runs["before"]  # completed epochs were kept, not redone
+    # Same data, seeds, optimizer state and schedule position: the runs track each other closely.
+    for a, b in zip(resumed, unbroken, strict=True):
+        assert abs(float(a["learning_rate"]) - float(b["learning_rate"])) < 1e-9
+        assert abs(float(a["loss"]) - float(b["loss"])) < 0.05
+        assert abs(float(a["val_accuracy"]) - float(b["val_accuracy"])) < 0.1
+
+
+def test_gradient_norms_are_logged_and_clipping_is_on(runs):
+    rows = history(runs["unbroken"])
+    for row in rows:
+        assert float(row["grad_norm_max"]) >= float(row["grad_norm_median"]) > 0
+        assert float(row["clipped_fraction"]) > 0.5  # a 0.05 clip norm clips nearly every step
+
+
+def test_run_folder_refuses_to_be_overwritten(runs, shared_data):
+    again = run_cli("train", "--data", str(shared_data), "--out", str(runs["unbroken"]), *ARGS)
+    assert again.returncode == 1 and "already holds a run" in again.stderr
+
+
+def test_killed_export_leaves_nothing_that_looks_complete(runs, tmp_path):
+    out = tmp_path / "model"
+    proc = start_cli("export", str(runs["unbroken"]), str(out))
+    wait_for(lambda: any(tmp_path.glob(".model.tmp-*")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = run_cli("export", str(runs["unbroken"]), str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "saved_model.pb").exists() and (out / "assets" / "speechrnn.json").exists()
+    assert not list(tmp_path.glob(".model.tmp-*"))
+    # Exporting over an existing export replaces it; over anything else is refused.
+    assert run_cli("export", str(runs["unbroken"]), str(out)).returncode == 0
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    refused = run_cli("export", str(runs["unbroken"]), str(other))
+    assert refused.returncode == 1 and "not a speechrnn export" in refused.stderr
+    assert (other / "keep.txt").read_text() == "mine"
