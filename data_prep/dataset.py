@@ -26,6 +26,7 @@ SILENCE = "_silence_"
 UNKNOWN = "_unknown_"
 BACKGROUND_DIR = "_background_noise_"
 SPLITS = ("training", "validation", "testing")
+HOLDOUT = "holdout"  # training-split speakers of scarce words, set aside for an honest evaluation
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff"}
 # The dataset's own rule (TensorFlow speech_commands input_data.which_set).
 MAX_NUM_WAVS_PER_CLASS = 2**27 - 1
@@ -66,9 +67,14 @@ class TaskConfig:
     silence_fraction: float = 0.1  # silence examples per split, as a fraction of the word examples
     unknown_fraction: float = 0.1  # unknown-word examples per split, same
     seed: int = 59185
+    # Scarce words (on/off have 15 training clips) whose training-split speakers are partly set
+    # aside, by a speaker hash, as the "holdout" split: never trained on, evaluated with validation.
+    holdout_words: tuple[str, ...] = ()
+    holdout_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "words", tuple(self.words))
+        object.__setattr__(self, "holdout_words", tuple(self.holdout_words))
         if not self.words:
             raise SpeechRNNError("the task needs at least one word")
         if len(set(self.words)) != len(self.words):
@@ -81,11 +87,19 @@ class TaskConfig:
 
     def to_dict(self) -> dict:
         return {"words": list(self.words), "silence_fraction": self.silence_fraction,
-                "unknown_fraction": self.unknown_fraction, "seed": self.seed}
+                "unknown_fraction": self.unknown_fraction, "seed": self.seed,
+                "holdout_words": list(self.holdout_words), "holdout_fraction": self.holdout_fraction}
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskConfig:
-        return cls(tuple(data["words"]), data["silence_fraction"], data["unknown_fraction"], data["seed"])
+        return cls(tuple(data["words"]), data["silence_fraction"], data["unknown_fraction"], data["seed"],
+                   tuple(data.get("holdout_words", ())), data.get("holdout_fraction", 0.5))
+
+    def is_held_out(self, clip: Clip) -> bool:
+        if clip.split != "training" or clip.word not in self.holdout_words:
+            return False
+        digest = hashlib.sha1(f"holdout:{clip.speaker}".encode()).hexdigest()
+        return int(digest, 16) % 1000 < self.holdout_fraction * 1000
 
 
 @dataclass(frozen=True)
@@ -171,11 +185,13 @@ class SpeechCommands:
 
         Fixed for a given task seed: the same folder always gives the same list.
         """
+        if split == HOLDOUT:
+            return [Example(c.path, c.word, HOLDOUT, c.word, c.speaker) for c in self.clips if task.is_held_out(c)]
         if split not in SPLITS:
-            raise SpeechRNNError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+            raise SpeechRNNError(f"unknown split {split!r}; choose one of {', '.join((*SPLITS, HOLDOUT))}")
         rng = np.random.default_rng([task.seed, SPLITS.index(split)])
         words = set(task.words)
-        in_split = [c for c in self.clips if c.split == split]
+        in_split = [c for c in self.clips if c.split == split and not task.is_held_out(c)]
         examples = [Example(c.path, c.word, split, c.word, c.speaker) for c in in_split if c.word in words]
         n_words = len(examples)
         if task.unknown_fraction > 0:

@@ -179,7 +179,8 @@ def export(run_dir: str, out: str, checkpoint: str) -> None:
 @main.command()
 @click.argument("model", type=click.Path())
 @click.argument("data", type=click.Path())
-@click.option("--split", type=click.Choice(["testing", "validation", "all"]), default="testing", show_default=True)
+@click.option("--split", type=click.Choice(["testing", "validation", "holdout", "unseen", "all"]), default="testing",
+              show_default=True, help="Which clips of a dataset folder; unseen = validation + testing + holdout.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the confusion matrix as a PNG.")
 @_report_errors
@@ -249,6 +250,79 @@ def info(model: str | None, as_json: bool) -> None:
     from speechrnn.info import describe_model
 
     click.echo(describe_model(model, as_json))
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path())
+@click.option("--device", default=None, help="Input device: index or name as `speechrnn devices` lists them.")
+@click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None,
+              help="Stream this audio file instead of the microphone (same code path).")
+@click.option("--realtime", is_flag=True, help="With --input: stream at real-time speed, not as fast as possible.")
+@click.option("--duration", type=click.FloatRange(0, min_open=True), default=None, help="Stop after this many seconds.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=None, help="Smoothed score to report [0.7].")
+@click.option("--hop-ms", type=click.FloatRange(10), default=None, help="Score the last second this often [100].")
+@click.option("--smoothing-ms", type=click.FloatRange(0), default=None, help="Average posteriors over this span [300].")
+@click.option("--refractory-ms", type=click.FloatRange(0), default=None, help="Quiet time after a detection [1000].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per detection: {time, label, score}.")
+@_report_errors
+def listen(model, device, input_file, realtime, duration, threshold, hop_ms, smoothing_ms, refractory_ms, as_json):
+    """Recognise commands live from the microphone (or --input FILE) with MODEL [models/default].
+
+    Prints one line per detection; Ctrl-C stops with a short summary (exit 0).
+    """
+    import dataclasses
+
+    from speechrnn.microphone import (
+        ListenStats, detector_for, file_chunk_source, microphone_chunks, run_listener, status_line,
+    )
+    from speechrnn.recognizer import Recognizer
+    from speechrnn.streaming import StreamConfig
+
+    changes = {k: v for k, v in dict(threshold=threshold, hop_ms=hop_ms, smoothing_ms=smoothing_ms,
+                                     refractory_ms=refractory_ms).items() if v is not None}
+    config = dataclasses.replace(StreamConfig(), **changes)
+    detector = detector_for(Recognizer(model), config)
+    stats = ListenStats()
+    if input_file:
+        source = file_chunk_source(input_file, realtime=realtime, duration=duration)
+    else:
+        source = microphone_chunks(device, stats=stats, duration=duration)
+    interactive = sys.stderr.isatty() and not as_json
+
+    def show(detection):
+        if interactive:
+            click.echo("\r" + " " * 79 + "\r", nl=False, err=True)
+        if as_json:
+            click.echo(json.dumps(detection.to_json()))
+        else:
+            click.echo(f"{detection.time:8.2f}s  {detection.label:<8} {detection.score:.3f}")
+        sys.stdout.flush()
+
+    run_listener(detector, source, show, status_line if interactive else None, stats)
+    if interactive:
+        click.echo("", err=True)
+    labels = ", ".join(d.label for d in stats.detections) or "none"
+    click.echo(f"listened {stats.seconds:.1f}s: {len(stats.detections)} detections ({labels})"
+               + (f"; {stats.overflows} input overflows" if stats.overflows else ""), err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@_report_errors
+def devices(as_json: bool) -> None:
+    """List audio input devices (index, name, channels, default rate); * marks the default."""
+    from speechrnn.microphone import list_devices
+
+    found = [d for d in list_devices() if d["inputs"] > 0]
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("no input devices", err=True)
+        sys.exit(1)
+    for d in found:
+        mark = "*" if d["default_input"] else " "
+        click.echo(f"{mark} {d['index']:3d}  {d['name']}  ({d['inputs']} in, {d['default_samplerate']:.0f} Hz)")
 
 
 if __name__ == "__main__":

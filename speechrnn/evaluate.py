@@ -8,7 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.dataset import SPLITS, SpeechCommands, TaskConfig, flat_folder_examples, is_dataset_folder
+from data_prep.dataset import HOLDOUT, SPLITS, SpeechCommands, TaskConfig, flat_folder_examples, is_dataset_folder
+
+# What --split selects in a dataset folder. "unseen": every clip the model's own recipe kept out
+# of training (validation, testing and the held-out scarce-word speakers).
+SPLIT_CHOICES = {"testing": ("testing",), "validation": ("validation",), HOLDOUT: (HOLDOUT,),
+                 "unseen": ("validation", "testing", HOLDOUT), "all": (*SPLITS, HOLDOUT)}
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import WaveformLoader
 from speechrnn.recognizer import Recognizer
@@ -54,8 +59,9 @@ def evaluation_examples(data: str | os.PathLike, labels: list[str], task: TaskCo
         raise SpeechRNNError("not a folder (expected a dataset or a folder of label sub-folders)", data)
     if is_dataset_folder(data):
         dataset = SpeechCommands.open(data)
-        splits = SPLITS if split == "all" else (split,)
-        examples = [ex for s in splits for ex in dataset.examples(task, s)]
+        if split not in SPLIT_CHOICES:
+            raise SpeechRNNError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_CHOICES)}")
+        examples = [ex for s in SPLIT_CHOICES[split] for ex in dataset.examples(task, s)]
         if not examples:
             raise SpeechRNNError(f"no {split} examples in this dataset; try --split validation", data)
         return examples

@@ -1,0 +1,181 @@
+"""Audio sources for the streaming detector: the microphone (sounddevice/PortAudio) and files.
+
+Both hand 16 kHz float32 chunks to the same StreamingDetector, through `run_listener`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data_prep.audio import load_audio
+from data_prep.errors import SpeechRNNError
+from speechrnn.streaming import Detection, StreamConfig, StreamingDetector
+
+log = logging.getLogger(__name__)
+STALL_SECONDS = 3.0  # no audio for this long: the device has gone
+
+
+def import_sounddevice():
+    try:
+        import sounddevice
+    except OSError as exc:  # the Python package is there, the PortAudio library is not
+        raise SpeechRNNError(f"cannot use the microphone: {exc}; install it with: sudo apt-get install libportaudio2"
+                             ) from None
+    except ImportError:
+        raise SpeechRNNError("cannot use the microphone: sounddevice is not installed; "
+                             "install it with: pip install 'speechrnn[mic]'") from None
+    return sounddevice
+
+
+def list_devices() -> list[dict]:
+    sd = import_sounddevice()
+    try:
+        devices = sd.query_devices()
+        default_in = sd.default.device[0]
+    except sd.PortAudioError as exc:
+        raise SpeechRNNError(f"cannot list audio devices ({exc})") from None
+    return [
+        {"index": i, "name": d["name"], "inputs": d["max_input_channels"], "outputs": d["max_output_channels"],
+         "default_samplerate": d["default_samplerate"], "default_input": i == default_in}
+        for i, d in enumerate(devices)
+    ]
+
+
+def resolve_device(device: str | None):
+    """An index, an exact name or a unique part of a name -> PortAudio device index (None: default)."""
+    if device is None:
+        return None
+    if device.isdigit():
+        return int(device)
+    inputs = [d for d in list_devices() if d["inputs"] > 0]
+    exact = [d for d in inputs if d["name"] == device]
+    matches = exact or [d for d in inputs if device.lower() in d["name"].lower()]
+    if len(matches) != 1:
+        names = ", ".join(repr(d["name"]) for d in inputs) or "none"
+        what = "no" if not matches else "more than one"
+        raise SpeechRNNError(f"{what} input device matches {device!r}; input devices: {names}")
+    return matches[0]["index"]
+
+
+@dataclass
+class ListenStats:
+    seconds: float = 0.0
+    detections: list[Detection] = field(default_factory=list)
+    overflows: int = 0
+    cpu_seconds: float = 0.0
+
+
+def microphone_chunks(device: str | None, block_ms: float = 50.0, stats: ListenStats | None = None,
+                      duration: float | None = None) -> Iterator[np.ndarray]:
+    """16 kHz mono chunks from an input device, resampled from whatever rate it supports."""
+    sd = import_sounddevice()
+    import soxr
+
+    index = resolve_device(device)
+    try:
+        info = sd.query_devices(index, "input")
+    except (sd.PortAudioError, ValueError) as exc:
+        raise SpeechRNNError(f"no usable input device ({exc}); see `speechrnn devices`") from None
+    rate = 16000
+    try:
+        sd.check_input_settings(device=index, channels=1, samplerate=rate, dtype="float32")
+    except Exception:  # noqa: BLE001 - PortAudio says "invalid sample rate" in several ways
+        rate = int(info["default_samplerate"])
+    resampler = soxr.ResampleStream(rate, 16000, 1, dtype="float32") if rate != 16000 else None
+    chunks: queue.Queue = queue.Queue()
+    stats = stats or ListenStats()
+
+    def callback(indata, frames, time_info, status):
+        if status.input_overflow:
+            stats.overflows += 1
+        chunks.put(indata[:, 0].copy())
+
+    try:
+        stream = sd.InputStream(device=index, channels=1, samplerate=rate, dtype="float32",
+                                blocksize=int(rate * block_ms / 1000), callback=callback)
+        stream.start()
+    except sd.PortAudioError as exc:
+        raise SpeechRNNError(f"cannot open input device {info['name']!r} ({exc})") from None
+    log.info("listening on %r at %d Hz", info["name"], rate)
+    reported_overflows = 0
+    received = 0
+    try:
+        while duration is None or received < duration * rate:
+            try:
+                block = chunks.get(timeout=STALL_SECONDS)
+            except queue.Empty:
+                raise SpeechRNNError(f"input device {info['name']!r} stopped delivering audio "
+                                     f"(unplugged or gone)") from None
+            if not stream.active:
+                raise SpeechRNNError(f"input device {info['name']!r} stopped") from None
+            received += len(block)
+            if stats.overflows > reported_overflows:
+                log.warning("input overflow: audio was dropped (the machine is busy); going on")
+                reported_overflows = stats.overflows
+            yield resampler.resample_chunk(block) if resampler else block
+    finally:
+        try:
+            stream.abort()
+            stream.close()
+        except Exception:  # noqa: BLE001 - closing a device that has vanished may fail too
+            pass
+
+
+def file_chunk_source(path, chunk_ms: float = 50.0, realtime: bool = False,
+                      duration: float | None = None) -> Iterator[np.ndarray]:
+    """A file streamed in microphone-sized chunks; as fast as possible unless ``realtime``."""
+    samples = load_audio(path, 16000)
+    if duration is not None:
+        samples = samples[: int(duration * 16000)]
+    chunk = int(16000 * chunk_ms / 1000)
+    start = time.monotonic()
+    for i in range(0, len(samples), chunk):
+        if realtime:
+            delay = start + (i + chunk) / 16000 - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        yield samples[i : i + chunk]
+
+
+def run_listener(detector: StreamingDetector, source: Iterator[np.ndarray],
+                 on_detection: Callable[[Detection], None], on_status: Callable[[StreamingDetector], None] | None = None,
+                 stats: ListenStats | None = None) -> ListenStats:
+    """Pump a source through the detector until it ends (or Ctrl-C, which ends it cleanly)."""
+    stats = stats or ListenStats()
+    cpu0 = time.process_time()
+    last_status = 0.0
+    try:
+        for chunk in source:
+            for detection in detector.push(chunk):
+                on_detection(detection)
+            if on_status and time.monotonic() - last_status > 0.1:
+                on_status(detector)
+                last_status = time.monotonic()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stats.seconds = detector.samples_seen / detector.features.sample_rate
+        stats.detections = list(detector.detections)
+        stats.cpu_seconds = time.process_time() - cpu0
+    return stats
+
+
+def detector_for(recognizer, config: StreamConfig) -> StreamingDetector:
+    """A detector scoring with the export's XLA-compiled MFCC signature (compiled once up front)."""
+    score = lambda x: recognizer.probabilities_from_mfcc(x, xla=True)  # noqa: E731
+    score(np.zeros((1, *recognizer.features.shape), np.float32))
+    return StreamingDetector(score, recognizer.labels, recognizer.features, config)
+
+
+def status_line(detector: StreamingDetector) -> None:
+    level = detector.level
+    bars = int(max(0, min(30, (level + 60) / 2)))
+    sys.stderr.write(f"\rlistening {detector.stream_time:7.1f}s  level {'#' * bars:<30} {level:6.1f} dBFS")
+    sys.stderr.flush()

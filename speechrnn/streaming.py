@@ -1,0 +1,133 @@
+"""Streaming keyword detection: chunks of 16 kHz samples in, detections out. Pure: no audio I/O.
+
+Per hop (default 100 ms) the detector
+  1. computes MFCC only for the frames the new samples complete (frames never depend on audio
+     outside them, so the 1 s window's features are kept, not recomputed every hop),
+  2. scores the last second of frames with the model,
+  3. averages the posteriors of the last few hops (smoothing),
+  4. reports the best command whose smoothed score reaches the threshold, unless a detection
+     was made within the refractory period. _silence_ and _unknown_ are never reported.
+The microphone (speechrnn.microphone) and files (`listen --input`) are only sources of chunks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from data_prep.dataset import SILENCE, UNKNOWN
+from data_prep.features import FeatureConfig, mfcc
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    hop_ms: float = 100.0  # how often the last second is scored
+    smoothing_ms: float = 300.0  # posteriors averaged over this span of hops
+    threshold: float = 0.7  # smoothed score a command must reach
+    refractory_ms: float = 1000.0  # after a detection, none for this long
+
+    def __post_init__(self) -> None:
+        if self.hop_ms <= 0 or self.smoothing_ms < 0 or self.refractory_ms < 0:
+            raise ValueError("hop must be positive; smoothing and refractory not negative")
+        if not 0 < self.threshold <= 1:
+            raise ValueError("threshold must be in (0, 1]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Detection:
+    time: float  # seconds since the stream began, when the detection was made (the word has ended)
+    label: str
+    score: float
+
+    def to_json(self) -> dict:
+        return {"time": round(self.time, 3), "label": self.label, "score": round(self.score, 4)}
+
+
+ScoreFn = Callable[[np.ndarray], np.ndarray]  # MFCC [1, frames, coeffs] -> probabilities [1, labels]
+
+
+class StreamingDetector:
+    def __init__(self, score_fn: ScoreFn, labels: list[str], features: FeatureConfig = FeatureConfig(),
+                 config: StreamConfig = StreamConfig()):
+        self.score_fn = score_fn
+        self.labels = list(labels)
+        self.features = features
+        self.config = config
+        frames_per_hop = max(1, round(config.hop_ms / features.hop_ms))
+        self._frames_per_hop = frames_per_hop
+        self._reportable = np.array([label not in (SILENCE, UNKNOWN) for label in self.labels])
+        self._window = np.zeros(features.shape, np.float32)  # the last second of MFCC frames, oldest first
+        self._frames_seen = 0  # MFCC frames computed since the stream began
+        self._frames_at_last_score = 0
+        self._tail = np.zeros(0, np.float32)  # samples not yet consumed by a complete frame (+ overlap)
+        self._history: deque[np.ndarray] = deque(maxlen=max(1, round(config.smoothing_ms / config.hop_ms)))
+        self._last_detection = -np.inf
+        self.samples_seen = 0
+        self.hops_scored = 0
+        self.detections: list[Detection] = []
+
+    @property
+    def stream_time(self) -> float:
+        """Seconds of audio turned into frames so far (the end of the newest frame)."""
+        if self._frames_seen == 0:
+            return 0.0
+        f = self.features
+        return ((self._frames_seen - 1) * f.hop_samples + f.window_samples) / f.sample_rate
+
+    def push(self, samples: np.ndarray) -> list[Detection]:
+        """Feed the next chunk (any length, float32 mono at the model's rate); get new detections."""
+        samples = np.asarray(samples, np.float32).reshape(-1)
+        self.samples_seen += len(samples)
+        self._tail = np.concatenate([self._tail, samples])
+        f = self.features
+        out = []
+        while True:
+            # Complete frames, at most up to the next scoring point, so every hop is scored.
+            due = self._frames_at_last_score + self._frames_per_hop - self._frames_seen
+            available = 0 if len(self._tail) < f.window_samples else f.frames_for(len(self._tail))
+            n = min(available, max(due, 1))
+            if n <= 0:
+                break
+            new = mfcc(self._tail[: (n - 1) * f.hop_samples + f.window_samples], f)
+            self._tail = self._tail[n * f.hop_samples :]
+            self._window = np.concatenate([self._window[n:], new]) if n < len(self._window) else new[-len(self._window):]
+            self._frames_seen += n
+            if self._frames_seen >= len(self._window) and self._frames_seen - self._frames_at_last_score >= self._frames_per_hop:
+                self._frames_at_last_score = self._frames_seen
+                detection = self._score()
+                if detection is not None:
+                    out.append(detection)
+        return out
+
+    def _score(self) -> Detection | None:
+        probs = np.asarray(self.score_fn(self._window[None]))[0]
+        self.hops_scored += 1
+        self._history.append(probs)
+        smoothed = np.mean(self._history, axis=0)
+        candidates = np.where(self._reportable, smoothed, -1.0)
+        best = int(np.argmax(candidates))
+        now = self.stream_time
+        if candidates[best] < self.config.threshold:
+            return None
+        if (now - self._last_detection) * 1000 < self.config.refractory_ms:
+            return None
+        self._last_detection = now
+        detection = Detection(now, self.labels[best], float(candidates[best]))
+        self.detections.append(detection)
+        return detection
+
+    @property
+    def level(self) -> float:
+        """RMS level (dBFS) of the newest 100 ms seen, for a meter."""
+        recent = self._tail[-1600:] if len(self._tail) else np.zeros(1, np.float32)
+        return float(20 * np.log10(max(1e-6, float(np.sqrt(np.mean(recent**2))))))
+
+
+def file_chunks(samples: np.ndarray, chunk: int) -> list[np.ndarray]:
+    return [samples[i : i + chunk] for i in range(0, len(samples), chunk)]
