@@ -273,7 +273,12 @@ def listen(model, device, input_file, realtime, duration, threshold, hop_ms, smo
     import dataclasses
 
     from speechrnn.microphone import (
-        ListenStats, detector_for, file_chunk_source, microphone_chunks, run_listener, status_line,
+        ListenStats,
+        detector_for,
+        file_chunk_source,
+        microphone_chunks,
+        run_listener,
+        status_line,
     )
     from speechrnn.recognizer import Recognizer
     from speechrnn.streaming import StreamConfig

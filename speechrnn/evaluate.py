@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.dataset import HOLDOUT, SPLITS, SpeechCommands, TaskConfig, flat_folder_examples, is_dataset_folder
-
-# What --split selects in a dataset folder. "unseen": every clip the model's own recipe kept out
-# of training (validation, testing and the held-out scarce-word speakers).
-SPLIT_CHOICES = {"testing": ("testing",), "validation": ("validation",), HOLDOUT: (HOLDOUT,),
-                 "unseen": ("validation", "testing", HOLDOUT), "all": (*SPLITS, HOLDOUT)}
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import WaveformLoader
 from speechrnn.recognizer import Recognizer
 
 log = logging.getLogger(__name__)
+
+# What --split selects in a dataset folder. "unseen": every clip the model's own recipe kept out
+# of training (validation, testing and the held-out scarce-word speakers).
+SPLIT_CHOICES = {"testing": ("testing",), "validation": ("validation",), HOLDOUT: (HOLDOUT,),
+                 "unseen": ("validation", "testing", HOLDOUT), "all": (*SPLITS, HOLDOUT)}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
