@@ -38,16 +38,22 @@ def check_audio(samples: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     return samples
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode any soundfile-readable file (WAV, FLAC, OGG, ...) to float32 mono at sample_rate.
-
-    Every failure a user can cause becomes a SpeechRNNError naming the file and the problem.
-    """
+def check_path(path: str | os.PathLike) -> Path:
+    """The path-level problems (missing, a directory) as the project error."""
     path = Path(path)
     if not path.exists():
         raise SpeechRNNError("no such file", path)
     if path.is_dir():
         raise SpeechRNNError("is a directory, not an audio file", path)
+    return path
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode any soundfile-readable file (WAV, FLAC, OGG, ...) to float32 mono at sample_rate.
+
+    Every failure a user can cause becomes a SpeechRNNError naming the file and the problem.
+    """
+    path = check_path(path)
     try:
         samples, file_rate = sf.read(str(path), dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:

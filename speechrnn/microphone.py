@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_prep.audio import load_audio
 from data_prep.errors import SpeechRNNError
 from speechrnn.streaming import Detection, StreamConfig, StreamingDetector
 
@@ -130,18 +129,49 @@ def microphone_chunks(device: str | None, block_ms: float = 50.0, stats: ListenS
 
 def file_chunk_source(path, chunk_ms: float = 50.0, realtime: bool = False,
                       duration: float | None = None) -> Iterator[np.ndarray]:
-    """A file streamed in microphone-sized chunks; as fast as possible unless ``realtime``."""
-    samples = load_audio(path, 16000)
-    if duration is not None:
-        samples = samples[: int(duration * 16000)]
-    chunk = int(16000 * chunk_ms / 1000)
-    start = time.monotonic()
-    for i in range(0, len(samples), chunk):
-        if realtime:
-            delay = start + (i + chunk) / 16000 - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        yield samples[i : i + chunk]
+    """A file streamed in microphone-sized chunks; as fast as possible unless ``realtime``.
+
+    Decoded block by block (and resampled with a streaming resampler), so an hour-long file
+    costs no more memory than a minute-long one.
+    """
+    import soundfile as sf
+    import soxr
+
+    from data_prep.audio import check_audio, check_path, to_mono
+
+    check_path(path)
+    try:
+        handle = sf.SoundFile(str(path))
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise SpeechRNNError(f"cannot decode audio ({exc})", path) from None
+    with handle:
+        rate = handle.samplerate
+        resampler = soxr.ResampleStream(rate, 16000, 1, dtype="float32") if rate != 16000 else None
+        block = max(1, int(rate * chunk_ms / 1000))
+        limit = int(duration * 16000) if duration is not None else None
+        sent = 0
+        start = time.monotonic()
+        while limit is None or sent < limit:
+            raw = handle.read(block, dtype="float32", always_2d=True)
+            last = len(raw) < block
+            chunk = to_mono(raw)
+            if len(chunk):
+                check_audio(chunk, path)
+            if resampler is not None:
+                chunk = resampler.resample_chunk(chunk, last=last)
+            if limit is not None:
+                chunk = chunk[: limit - sent]
+            if len(chunk):
+                if realtime:
+                    delay = start + (sent + len(chunk)) / 16000 - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                sent += len(chunk)
+                yield chunk
+            if last:
+                break
+        if sent == 0:
+            raise SpeechRNNError("the file holds no audio samples (empty)", path)
 
 
 def run_listener(detector: StreamingDetector, source: Iterator[np.ndarray],
