@@ -8,7 +8,7 @@ APT_PACKAGES := espeak-ng libportaudio2 pulseaudio pulseaudio-utils libasound2-p
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export SPEECHRNN_CACHE ?= $(CURDIR)/.cache/speechrnn
 
-.PHONY: setup system-packages demo test lint bench clean
+.PHONY: setup system-packages demo test lint bench default-model clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -43,6 +43,22 @@ demo: setup
 
 bench: setup
 	$(PY) bench/features.py
+	$(PY) bench/inference.py
+	$(PY) bench/train.py
+	$(PY) bench/streaming.py
+
+# models/default from scratch: synthetic speech (espeak-ng), then the recipe on the shared real
+# recordings plus that speech. SHARED points at the real Speech Commands folder.
+SHARED ?= ../shared/data/speech_commands
+SYNTH_DIR ?= $(SPEECHRNN_CACHE)/synth
+default-model: setup
+	@test -d $(SHARED) || { echo "no dataset at $(SHARED): set SHARED=/path/to/speech_commands"; exit 1; }
+	test -f $(SYNTH_DIR)/all/synth.json || $(VENV)/bin/speechrnn data synth --out $(SYNTH_DIR)/all --per-word 250 --noise-from $(SHARED) --seed 1
+	test -f $(SYNTH_DIR)/onoff/synth.json || $(VENV)/bin/speechrnn data synth --out $(SYNTH_DIR)/onoff --words on,off --per-word 750 --noise-from $(SHARED) --seed 2
+	rm -rf runs/default
+	$(VENV)/bin/speechrnn train --config recipes/default.json --data $(SHARED) \
+	  --train-only $(SYNTH_DIR)/all --train-only $(SYNTH_DIR)/onoff --out runs/default --export models/default
+	$(VENV)/bin/speechrnn evaluate models/default $(SHARED) --split unseen --plot models/default-confusion.png
 
 clean:
 	rm -rf $(VENV) .cache demo-out
