@@ -6,7 +6,10 @@ Per hop (default 100 ms) the detector
   2. scores the last second of frames with the model,
   3. averages the posteriors of the last few hops (smoothing),
   4. reports the best command whose smoothed score reaches the threshold, unless a detection
-     was made within the refractory period. _silence_ and _unknown_ are never reported.
+     was made within the refractory period, or this command was reported before and its
+     smoothed score has not yet fallen below half the threshold (one word stays in the 1 s
+     window for up to a second; it must not fire twice). _silence_ and _unknown_ are never
+     reported.
 The microphone (speechrnn.microphone) and files (`listen --input`) are only sources of chunks.
 """
 
@@ -41,7 +44,8 @@ class StreamConfig:
 
 @dataclass(frozen=True)
 class Detection:
-    time: float  # seconds since the stream began, when the detection was made (the word has ended)
+    time: float  # seconds since the stream began at which the detection was made (the end of the newest
+    # audio scored): usually within a few hundred ms of the end of the word, sometimes just before it
     label: str
     score: float
 
@@ -68,6 +72,7 @@ class StreamingDetector:
         self._tail = np.zeros(0, np.float32)  # samples not yet consumed by a complete frame (+ overlap)
         self._history: deque[np.ndarray] = deque(maxlen=max(1, round(config.smoothing_ms / config.hop_ms)))
         self._last_detection = -np.inf
+        self._disarmed: set[int] = set()  # labels reported and not yet fallen below the release level
         self.samples_seen = 0
         self.hops_scored = 0
         self.detections: list[Detection] = []
@@ -110,14 +115,17 @@ class StreamingDetector:
         self.hops_scored += 1
         self._history.append(probs)
         smoothed = np.mean(self._history, axis=0)
+        release = self.config.threshold / 2
+        self._disarmed = {i for i in self._disarmed if smoothed[i] >= release}
         candidates = np.where(self._reportable, smoothed, -1.0)
         best = int(np.argmax(candidates))
         now = self.stream_time
-        if candidates[best] < self.config.threshold:
+        if candidates[best] < self.config.threshold or best in self._disarmed:
             return None
         if (now - self._last_detection) * 1000 < self.config.refractory_ms:
             return None
         self._last_detection = now
+        self._disarmed.add(best)
         detection = Detection(now, self.labels[best], float(candidates[best]))
         self.detections.append(detection)
         return detection
