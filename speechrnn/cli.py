@@ -272,21 +272,33 @@ def listen(model, device, input_file, realtime, duration, threshold, hop_ms, smo
     """
     import dataclasses
 
+    from data_prep.audio import check_path
     from speechrnn.microphone import (
         ListenStats,
+        check_input_device,
         detector_for,
         file_chunk_source,
         microphone_chunks,
         run_listener,
         status_line,
     )
-    from speechrnn.recognizer import Recognizer
+    from speechrnn.recognizer import Recognizer, default_model_dir, read_metadata
     from speechrnn.streaming import StreamConfig
 
     changes = {k: v for k, v in dict(threshold=threshold, hop_ms=hop_ms, smoothing_ms=smoothing_ms,
                                      refractory_ms=refractory_ms).items() if v is not None}
     config = dataclasses.replace(StreamConfig(), **changes)
-    detector = detector_for(Recognizer(model), config)
+    # Cheap checks first: a wrong model, device or file should not wait for TensorFlow to load.
+    read_metadata(model or default_model_dir())
+    if input_file:
+        check_path(input_file)
+    else:
+        check_input_device(device)
+    try:
+        detector = detector_for(Recognizer(model), config)
+    except KeyboardInterrupt:
+        click.echo("stopped before listening began", err=True)
+        sys.exit(0)
     stats = ListenStats()
     if input_file:
         source = file_chunk_source(input_file, realtime=realtime, duration=duration)

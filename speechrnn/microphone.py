@@ -71,6 +71,16 @@ class ListenStats:
     cpu_seconds: float = 0.0
 
 
+def check_input_device(device: str | None) -> dict:
+    """The input device's PortAudio info, or the project error (before any model is loaded)."""
+    sd = import_sounddevice()
+    index = resolve_device(device)
+    try:
+        return sd.query_devices(index, "input")
+    except (sd.PortAudioError, ValueError) as exc:
+        raise SpeechRNNError(f"no usable input device ({exc}); see `speechrnn devices`") from None
+
+
 def microphone_chunks(device: str | None, block_ms: float = 50.0, stats: ListenStats | None = None,
                       duration: float | None = None) -> Iterator[np.ndarray]:
     """16 kHz mono chunks from an input device, resampled from whatever rate it supports."""
@@ -78,10 +88,7 @@ def microphone_chunks(device: str | None, block_ms: float = 50.0, stats: ListenS
     import soxr
 
     index = resolve_device(device)
-    try:
-        info = sd.query_devices(index, "input")
-    except (sd.PortAudioError, ValueError) as exc:
-        raise SpeechRNNError(f"no usable input device ({exc}); see `speechrnn devices`") from None
+    info = check_input_device(device)
     rate = 16000
     try:
         sd.check_input_settings(device=index, channels=1, samplerate=rate, dtype="float32")

@@ -73,6 +73,7 @@ class StreamingDetector:
         self._history: deque[np.ndarray] = deque(maxlen=max(1, round(config.smoothing_ms / config.hop_ms)))
         self._last_detection = -np.inf
         self._disarmed: set[int] = set()  # labels reported and not yet fallen below the release level
+        self._recent = np.zeros(0, np.float32)  # the newest 100 ms, for the level meter
         self.samples_seen = 0
         self.hops_scored = 0
         self.detections: list[Detection] = []
@@ -89,6 +90,7 @@ class StreamingDetector:
         """Feed the next chunk (any length, float32 mono at the model's rate); get new detections."""
         samples = np.asarray(samples, np.float32).reshape(-1)
         self.samples_seen += len(samples)
+        self._recent = np.concatenate([self._recent, samples])[-self.features.sample_rate // 10 :]
         self._tail = np.concatenate([self._tail, samples])
         f = self.features
         out = []
@@ -117,10 +119,12 @@ class StreamingDetector:
         smoothed = np.mean(self._history, axis=0)
         release = self.config.threshold / 2
         self._disarmed = {i for i in self._disarmed if smoothed[i] >= release}
-        candidates = np.where(self._reportable, smoothed, -1.0)
+        armed = self._reportable.copy()
+        armed[list(self._disarmed)] = False
+        candidates = np.where(armed, smoothed, -1.0)
         best = int(np.argmax(candidates))
         now = self.stream_time
-        if candidates[best] < self.config.threshold or best in self._disarmed:
+        if candidates[best] < self.config.threshold:
             return None
         if (now - self._last_detection) * 1000 < self.config.refractory_ms:
             return None
@@ -133,7 +137,7 @@ class StreamingDetector:
     @property
     def level(self) -> float:
         """RMS level (dBFS) of the newest 100 ms seen, for a meter."""
-        recent = self._tail[-1600:] if len(self._tail) else np.zeros(1, np.float32)
+        recent = self._recent if len(self._recent) else np.zeros(1, np.float32)
         return float(20 * np.log10(max(1e-6, float(np.sqrt(np.mean(recent**2))))))
 
 
