@@ -1,9 +1,9 @@
 """Benchmark: inference latency and CLI throughput of an exported model (prints one JSON object).
 
-    .venv/bin/python bench/inference.py [--model DIR] [--data DIR]
+    .venv/bin/python bench/inference.py [--model DIR (models/default)] [--data DIR]
 
-Figures:
-  latency_ms     batch-1, one 1 s clip, through the SavedModel loaded with plain
+Figures (targets beside them: batch-1 <= 5 ms, >= 300 files/s through the CLI, one file <= 4 s):
+  latency_batch1 batch-1, one 1 s clip, through the SavedModel loaded with plain
                  ``tf.saved_model.load``: its signatures serving_default (plain graph),
                  waveform_xla and mfcc_xla (what the streaming loop calls); after warm-up,
                  each call timed on its own including ``.numpy()`` of the probabilities.
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = Path("/work/cache/export-interim")
+DEFAULT_MODEL = REPO / "models" / "default"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "speech_commands"
 TARGETS = {"batch1_ms": 5.0, "cli_files_per_s": 300.0, "cli_one_file_s": 4.0}
 
@@ -49,8 +49,13 @@ def r(x: float, digits: int = 3) -> float:
 
 def summary_ms(seconds: list[float]) -> dict:
     ms = np.asarray(seconds) * 1000.0
-    return {"median_ms": r(np.median(ms)), "p90_ms": r(np.percentile(ms, 90)), "mean_ms": r(ms.mean()),
-            "min_ms": r(ms.min()), "calls": len(ms)}
+    return {
+        "median_ms": r(np.median(ms)),
+        "p90_ms": r(np.percentile(ms, 90)),
+        "mean_ms": r(ms.mean()),
+        "min_ms": r(ms.min()),
+        "calls": len(ms),
+    }
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -83,7 +88,7 @@ def speechrnn_exe() -> str:
 
 
 # --- children (fresh processes) --------------------------------------------------------------
-def child_latency(model: Path, clip: Path, calls: int, warmup: int) -> dict:
+def child_latency(model: Path, clip: Path, calls: int, warmup: int, files: list[Path]) -> dict:
     """Batch-1 latency of each signature of the loaded SavedModel, and via Recognizer for comparison."""
     sys.path.insert(0, str(REPO))
     from data_prep.audio import load_audio
@@ -98,11 +103,18 @@ def child_latency(model: Path, clip: Path, calls: int, warmup: int) -> dict:
     feats = mfcc(wave[0], features)[None]
     t0 = time.perf_counter()
     loaded = tf.saved_model.load(str(model))
-    out: dict = {"load_s": r(time.perf_counter() - t0), "tensorflow": tf.__version__,
-                 "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-                 "input": {"clip": str(clip), "waveform": list(wave.shape), "mfcc": list(feats.shape)}}
-    inputs = {"serving_default": ("waveform", tf.constant(wave)), "waveform_xla": ("waveform", tf.constant(wave)),
-              "mfcc_xla": ("mfcc", tf.constant(feats)), "mfcc": ("mfcc", tf.constant(feats))}
+    out: dict = {
+        "load_s": r(time.perf_counter() - t0),
+        "tensorflow": tf.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "input": {"clip": str(clip), "waveform": list(wave.shape), "mfcc": list(feats.shape)},
+    }
+    inputs = {
+        "serving_default": ("waveform", tf.constant(wave)),
+        "waveform_xla": ("waveform", tf.constant(wave)),
+        "mfcc_xla": ("mfcc", tf.constant(feats)),
+        "mfcc": ("mfcc", tf.constant(feats)),
+    }
     results, probs = {}, {}
     for name, (arg, x) in inputs.items():
         fn = loaded.signatures[name]
@@ -123,9 +135,11 @@ def child_latency(model: Path, clip: Path, calls: int, warmup: int) -> dict:
     # The same through the product's Recognizer (numpy in, numpy out): what the CLI/streaming pay.
     rec = Recognizer(model)
     via = {}
-    for name, call in {"probabilities(xla=False)": lambda: rec.probabilities(wave),
-                       "probabilities(xla=True)": lambda: rec.probabilities(wave, xla=True),
-                       "probabilities_from_mfcc(xla=True)": lambda: rec.probabilities_from_mfcc(feats, xla=True)}.items():
+    for name, call in {
+        "probabilities(xla=False)": lambda: rec.probabilities(wave),
+        "probabilities(xla=True)": lambda: rec.probabilities(wave, xla=True),
+        "probabilities_from_mfcc(xla=True)": lambda: rec.probabilities_from_mfcc(feats, xla=True),
+    }.items():
         for _ in range(warmup + 1):
             call()
         times = []
@@ -135,12 +149,29 @@ def child_latency(model: Path, clip: Path, calls: int, warmup: int) -> dict:
             times.append(time.perf_counter() - t0)
         via[name] = summary_ms(times)
     out["via_recognizer"] = via
+    if files:  # the CLI's work without its start-up: decode + batched plain-graph inference
+        rec.classify_files(files[:64])  # first call at batch 64
+        runs = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            rec.classify_files(files)
+            runs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for path in files:
+            load_audio(path, features.sample_rate)
+        decode = time.perf_counter() - t0
+        out["classify_files_in_process"] = {
+            "files": len(files),
+            "runs_s": [r(x) for x in runs],
+            "files_per_s": r(len(files) / min(runs), 1),
+            "decode_only_s": r(decode),
+        }
     return out
 
 
 def child_phases(model: Path, clip: Path) -> dict:
     """The steps of `speechrnn classify MODEL FILE`, timed one by one with the same library calls."""
-    t_start = time.perf_counter()
+    wall_start, t_start = time.time(), time.perf_counter()
     sys.path.insert(0, str(REPO))
     marks: dict[str, float] = {}
 
@@ -170,18 +201,36 @@ def child_phases(model: Path, clip: Path) -> dict:
     rec.classify_files([clip])
     mark("classify_second_call", t)
     marks["in_process_total"] = r(time.perf_counter() - t_start)
+    marks["wall_start"], marks["wall_end"] = wall_start, time.time()
     return marks
 
 
 def run_child(mode: str, args: argparse.Namespace, extra: list[str] | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--model", str(args.model), "--data", str(args.data),
-           "--calls", str(args.calls), "--warmup", str(args.warmup), *(extra or [])]
-    start = time.perf_counter()
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--model",
+        str(args.model),
+        "--data",
+        str(args.data),
+        "--calls",
+        str(args.calls),
+        "--warmup",
+        str(args.warmup),
+        *(extra or []),
+    ]
+    spawned = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    exited = time.time()
     if proc.returncode:
         sys.exit(f"child {mode} failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_wall_s"] = r(time.perf_counter() - start)
+    result["process_wall_s"] = r(exited - spawned)
+    if "wall_start" in result:  # wall clock is shared between processes; perf_counter is not
+        result["before_first_line_s"] = r(result.pop("wall_start") - spawned)
+        result["after_last_line_s"] = r(exited - result.pop("wall_end"))
     return result
 
 
@@ -200,24 +249,44 @@ def expected_label(path: Path, labels: list[str]) -> str:
     return path.parent.name if path.parent.name in labels else "_unknown_"
 
 
-def cli_throughput(model: Path, files: list[Path], runs: int, labels: list[str]) -> dict:
-    walls, agree = [], 0.0
+def check_classify(proc: subprocess.CompletedProcess, n: int) -> list[dict]:
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
+    errors = [x for x in lines if "error" in x]
+    if proc.returncode or len(lines) != n or errors:
+        sys.exit(
+            f"classify failed (exit {proc.returncode}, {len(lines)} results, {len(errors)} errors):\n"
+            f"{proc.stderr[-3000:]}"
+        )
+    return lines
+
+
+def cli_runs(model: Path, files: list[Path], runs: int, labels: list[str]) -> tuple[dict, dict]:
+    """One-file and N-file CLI runs, alternated so both see the same (noisy) machine."""
+    timed(classify_cmd(model, files[:1], as_json=True))  # untimed warm-up: TF's libraries into the page cache
+    one, many, agree = [], [], 0.0
     for i in range(runs):
+        wall, proc = timed(classify_cmd(model, files[:1], as_json=False))
+        if proc.returncode:
+            sys.exit(f"classify one file failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        one.append(wall)
         wall, proc = timed(classify_cmd(model, files, as_json=True))
-        lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
-        errors = [x for x in lines if "error" in x]
-        if proc.returncode or len(lines) != len(files) or errors:
-            sys.exit(f"classify failed (exit {proc.returncode}, {len(lines)} results, {len(errors)} errors):\n"
-                     f"{proc.stderr[-3000:]}")
+        lines = check_classify(proc, len(files))
         agree = float(np.mean([x["label"] == expected_label(Path(x["path"]), labels) for x in lines]))
-        walls.append(wall)
-        info(f"classify {len(files)} files, run {i + 1}/{runs}: {wall:.2f} s")
-    return {"files": len(files), "runs_s": [r(w, 2) for w in walls], "wall_s": r(statistics.median(walls), 2),
-            "label_agreement": r(agree)}
+        many.append(wall)
+        info(f"run {i + 1}/{runs}: classify 1 file {one[-1]:.2f} s, {len(files)} files {wall:.2f} s")
+    return (
+        {"median_s": r(statistics.median(one), 2), "runs_s": [r(w, 2) for w in one]},
+        {
+            "files": len(files),
+            "runs_s": [r(w, 2) for w in many],
+            "wall_s": r(statistics.median(many), 2),
+            "label_agreement": r(agree),
+        },
+    )
 
 
 def median_wall(cmd: list[str], runs: int, what: str) -> dict:
-    timed(cmd)  # untimed warm-up: the OS page cache holds TensorFlow's libraries afterwards
+    timed(cmd)  # untimed warm-up
     walls = []
     for i in range(runs):
         wall, proc = timed(cmd)
@@ -242,8 +311,12 @@ def parse_importtime(stderr: str) -> list[dict]:
         head, cum_us, name = line.split("|", 2)
         self_us = head.split(":", 1)[1]
         depth = (len(name) - len(name.lstrip(" ")) - 1) // 2
-        node = {"name": name.strip(), "self_s": int(self_us) / 1e6, "cumulative_s": int(cum_us) / 1e6,
-                "children": pending.pop(depth + 1, [])}
+        node = {
+            "name": name.strip(),
+            "self_s": int(self_us) / 1e6,
+            "cumulative_s": int(cum_us) / 1e6,
+            "children": pending.pop(depth + 1, []),
+        }
         if depth == 0:
             roots.append(node)
         else:
@@ -251,18 +324,23 @@ def parse_importtime(stderr: str) -> list[dict]:
     return roots
 
 
-def top_imports(roots: list[dict], n: int = 8, children: int = 5) -> list[dict]:
+def top_imports(roots: list[dict], n: int = 4, children: int = 5) -> list[dict]:
     out = []
     for node in sorted(roots, key=lambda x: -x["cumulative_s"])[:n]:
         kids = sorted(node["children"], key=lambda x: -x["cumulative_s"])[:children]
-        out.append({"module": node["name"], "cumulative_s": r(node["cumulative_s"]),
-                    "largest_children": {k["name"]: r(k["cumulative_s"]) for k in kids}})
+        out.append(
+            {
+                "module": node["name"],
+                "cumulative_s": r(node["cumulative_s"]),
+                "largest_children": {k["name"]: r(k["cumulative_s"]) for k in kids},
+            }
+        )
     return out
 
 
 # (label, file path suffix, function name) picked out of the cProfile of one CLI run
 PROFILE_POINTS = [
-    ("speechrnn.cli module import", "speechrnn/cli.py", "<module>"),
+    ("whole CLI run (speechrnn.cli as __main__)", "speechrnn/cli.py", "<module>"),
     ("speechrnn.recognizer module import", "speechrnn/recognizer.py", "<module>"),
     ("import_tf (import tensorflow)", "speechrnn/tfutil.py", "import_tf"),
     ("Recognizer.__init__ (import_tf + saved_model.load)", "speechrnn/recognizer.py", "__init__"),
@@ -288,6 +366,8 @@ def startup_profile(model: Path, clip: Path, args: argparse.Namespace) -> dict:
     python_startup = median_wall([sys.executable, "-c", "pass"], 3, "python -c pass")["median_s"]
     phases = run_child("phases", args, ["--clip", str(clip)])
     info(f"phases: {json.dumps(phases)}")
+    fast = run_child("phases-fast-exit", args, ["--clip", str(clip)])
+    info(f"phases, ending with os._exit: {json.dumps(fast)}")
     # -X importtime: TensorFlow is imported up front because the CLI imports it with fd 2 pointed
     # at /dev/null (speechrnn.tfutil), which would swallow its importtime lines.
     argv = ["speechrnn", "classify", str(model), str(clip)]
@@ -296,16 +376,26 @@ def startup_profile(model: Path, clip: Path, args: argparse.Namespace) -> dict:
     roots = parse_importtime(proc.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         prof = os.path.join(tmp, "classify.prof")
-        subprocess.run([sys.executable, "-m", "cProfile", "-o", prof, "-m", "speechrnn.cli", "classify", str(model),
-                        str(clip)], capture_output=True, text=True, cwd=REPO, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "cProfile", "-o", prof, "-m", "speechrnn.cli", "classify", str(model), str(clip)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=True,
+        )
         points = cprofile_points(prof)
     return {
         "python_startup_s": python_startup,
         "phases_s": phases,
+        "phases_ending_with_os_exit_s": {
+            k: fast[k] for k in ("in_process_total", "after_last_line_s", "process_wall_s")
+        },
         "importtime": {"total_imports_s": r(sum(x["cumulative_s"] for x in roots)), "largest": top_imports(roots)},
         "cprofile_cumulative_s": points,
-        "note": "phases_s: a fresh process doing the CLI's steps one by one (process_wall_s includes python "
-        "start-up and teardown); importtime/cProfile add their own overhead, so read them as shares",
+        "note": "phases_s: a fresh process doing the CLI's steps one by one; before_first_line_s = interpreter "
+        "start-up + this script's own imports, after_last_line_s = output + interpreter teardown (TensorFlow's "
+        "atexit handlers and module/thread clean-up); phases_ending_with_os_exit_s: the same run ending with "
+        "os._exit(0) after flushing; importtime/cProfile add their own overhead, so read them as shares",
     }
 
 
@@ -318,32 +408,51 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="timed batch-1 calls per signature")
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls per signature after the first")
     parser.add_argument("--runs", type=int, default=3, help="runs of each CLI / import timing (median)")
-    parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
-                        help="profile a one-file CLI run: auto = only when it misses its target")
+    parser.add_argument(
+        "--profile",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="profile a one-file CLI run: auto = only when it misses its target",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--clip", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--files-list", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model, args.data = args.model.resolve(), args.data.resolve()
     if args.child:
         clip = args.clip or pick_files(args.data, 1)[0]
-        result = child_latency(args.model, clip, args.calls, args.warmup) if args.child == "latency" else (
-            child_phases(args.model, clip))
-        print(json.dumps(result))
+        if args.child == "latency":
+            files = [Path(x) for x in args.files_list.read_text().splitlines()] if args.files_list else []
+            print(json.dumps(child_latency(args.model, clip, args.calls, args.warmup, files)))
+            return
+        print(json.dumps(child_phases(args.model, clip)), flush=True)
+        if args.child == "phases-fast-exit":  # what `os._exit` after the output would save the CLI
+            sys.stderr.flush()
+            os._exit(0)
         return
 
-    meta = json.loads((args.model / "assets" / "speechrnn.json").read_text())
+    meta_path = args.model / "assets" / "speechrnn.json"
+    if not meta_path.exists():
+        sys.exit(f"{args.model} is not a speechrnn export (no {meta_path.name}); pass --model DIR")
+    meta = json.loads(meta_path.read_text())
     files = pick_files(args.data, args.files)
     clip = files[0]
     load_before = os.getloadavg()
     info(f"model {args.model}; {len(files)} files from {args.data}; load average {load_before}")
 
-    latency = run_child("latency", args, ["--clip", str(clip)])
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        listing = Path(tmp) / "files.txt"
+        listing.write_text("\n".join(map(str, files)) + "\n")
+        latency = run_child("latency", args, ["--clip", str(clip), "--files-list", str(listing)])
     info(f"latency: {json.dumps(latency['signatures'])}")
-    import_tf_wall = median_wall([sys.executable, "-c", "import tensorflow"], args.runs, "python -c 'import tensorflow'")
-    one_file = median_wall(classify_cmd(args.model, [clip], as_json=False), args.runs, "classify one file")
-    throughput = cli_throughput(args.model, files, args.runs, meta["labels"])
+    info(f"classify_files in process: {json.dumps(latency['classify_files_in_process'])}")
+    import_tf_wall = median_wall(
+        [sys.executable, "-c", "import tensorflow"], args.runs, "python -c 'import tensorflow'"
+    )
+    one_file, throughput = cli_runs(args.model, files, args.runs, meta["labels"])
     startup = one_file["median_s"]
     wall = throughput["wall_s"]
+    work = wall - startup
 
     sig = latency["signatures"]
     report: dict = {
@@ -351,13 +460,19 @@ def main() -> None:
         "model_name": meta.get("model", {}).get("name"),
         "parameters": meta.get("model", {}).get("parameters"),
         "data": str(args.data),
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "tensorflow": latency["tensorflow"], "load_average_before": [r(x, 2) for x in load_before],
-                    "load_average_after": [r(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "tensorflow": latency["tensorflow"],
+            "load_average_before": [r(x, 2) for x in load_before],
+            "load_average_after": [r(x, 2) for x in os.getloadavg()],
+        },
         "latency_batch1": {
             "target_ms": TARGETS["batch1_ms"],
-            **{name: {**sig[name], "meets_target": sig[name]["median_ms"] <= TARGETS["batch1_ms"]}
-               for name in ("serving_default", "waveform_xla", "mfcc_xla", "mfcc")},
+            **{
+                name: {**sig[name], "meets_target": sig[name]["median_ms"] <= TARGETS["batch1_ms"]}
+                for name in ("serving_default", "waveform_xla", "mfcc_xla", "mfcc")
+            },
             "via_recognizer": latency["via_recognizer"],
             "saved_model_load_s": latency["load_s"],
             "max_abs_diff_vs_serving_default": latency["max_abs_diff_vs_serving_default"],
@@ -368,19 +483,22 @@ def main() -> None:
         "cli_throughput": {
             **throughput,
             "files_per_s": r(throughput["files"] / wall, 1),
-            "files_per_s_excluding_startup": r(throughput["files"] / max(wall - startup, 1e-6), 1),
+            "files_per_s_excluding_startup": r(throughput["files"] / work, 1) if work > 0.05 else None,
             "startup_s_subtracted": startup,
+            "in_process": latency["classify_files_in_process"],
             "target_files_per_s": TARGETS["cli_files_per_s"],
             "meets_target": throughput["files"] / wall >= TARGETS["cli_files_per_s"],
-            "note": "one `speechrnn classify MODEL f1..fN --json` process per run (median wall of runs); "
-            "'excluding start-up' subtracts the one-file CLI median wall (start-up + one clip)",
+            "note": "one `speechrnn classify MODEL f1..fN --json` process per run (median wall of runs, alternated "
+            "with the one-file runs); 'excluding start-up' subtracts the one-file CLI median wall (start-up + one "
+            "clip; null when machine noise exceeds the difference); in_process: Recognizer.classify_files on the "
+            "same files in an already started process (2nd/3rd call), and decoding alone",
         },
         "cli_one_file": {
             **one_file,
             "target_s": TARGETS["cli_one_file_s"],
             "meets_target": startup <= TARGETS["cli_one_file_s"],
             "import_tensorflow_s": import_tf_wall,
-            "note": "`speechrnn classify MODEL FILE` and `python -c 'import tensorflow'` walls, each after one "
+            "note": "`speechrnn classify MODEL FILE` and `python -c 'import tensorflow'` walls (median), after one "
             "untimed warm-up run",
         },
     }

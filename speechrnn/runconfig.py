@@ -30,7 +30,7 @@ class TrainConfig:
     clipnorm: float = 1.0  # global-norm clipping; 0 turns it off
     clipvalue: float = 0.0  # per-element clipping instead (used when clipnorm is 0)
     patience: int = 8  # early stopping on validation accuracy
-    balance: float = 0.25  # oversample each label to at least this fraction of the median label count
+    balance: float = 0.25  # oversample each label's real clips to this fraction of the median real label count
     max_per_label: int = 0  # cap training examples per label (0: all); for quick tests
     seed: int = 0
 

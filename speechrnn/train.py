@@ -27,7 +27,7 @@ import numpy as np
 
 from data_prep.audio import load_audio
 from data_prep.augment import augment
-from data_prep.dataset import NOISE_REGIONS, SpeechCommands
+from data_prep.dataset import HOLDOUT, NOISE_REGIONS, SPLITS, SpeechCommands
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import WaveformLoader, featurize, progress
 from data_prep.features import mfcc_batched
@@ -48,7 +48,7 @@ class TrainingData:
     def __init__(self, config: TrainConfig, show_progress: bool = True):
         self.config = config
         task, fc = config.task, config.features
-        train, val, noise_files = [], [], []
+        train, val, noise_files, extra = [], [], [], []
         for folder in config.data:
             ds = SpeechCommands.open(folder)
             train += ds.examples(task, "training")
@@ -56,12 +56,15 @@ class TrainingData:
             noise_files += ds.noise_files
         for folder in config.train_only:
             ds = SpeechCommands.open(folder)
-            for split in ("training", "validation", "testing"):
-                train += ds.examples(task, split)
+            for split in (*SPLITS, HOLDOUT):  # every clip of a train-only folder trains
+                extra += ds.examples(task, split)
             noise_files += ds.noise_files
         if config.max_per_label:
             train = _cap_per_label(train, config.max_per_label, config.seed)
+            extra = _cap_per_label(extra, config.max_per_label, config.seed + 2)
             val = _cap_per_label(val, config.max_per_label, config.seed + 1)
+        n_real = len(train)
+        train += extra
         if not train or not val:
             raise SpeechRNNError(
                 "need both training and validation examples (check validation_list.txt or the speaker ids)",
@@ -83,6 +86,7 @@ class TrainingData:
         self.train_examples = [train[i] for i in kept]
         self.train_waves = np.stack(waves)
         self.train_labels = np.array([index[ex.label] for ex in self.train_examples], np.int32)
+        self.train_is_real = np.array([i < n_real for i in kept])  # from --data, not --train-only
         # Noise for mixing: only the training region of each recording.
         lo, hi = NOISE_REGIONS["training"]
         self.noise = []
@@ -96,14 +100,20 @@ class TrainingData:
         self.epoch_size = len(self._epoch_indices(np.random.default_rng(0)))
 
     def _epoch_indices(self, rng: np.random.Generator) -> np.ndarray:
-        """All training examples, plus oversampled copies of scarce labels, shuffled."""
-        counts = np.bincount(self.train_labels, minlength=len(self.labels))
-        floor = int(self.config.balance * np.median(counts[counts > 0]))
+        """All training examples, plus oversampled copies of scarce labels' real clips, shuffled.
+
+        Balancing counts real (--data) clips only: 1,000 synthetic "off" clips must not hide that
+        there are ten real ones, or the model learns espeak-ng's "off" instead of people's.
+        A label with no real clips at all is topped up from its synthetic ones.
+        """
+        real_counts = np.bincount(self.train_labels[self.train_is_real], minlength=len(self.labels))
+        floor = int(self.config.balance * np.median(real_counts[real_counts > 0])) if real_counts.any() else 0
         extra = []
-        for label, count in enumerate(counts):
-            if 0 < count < floor:
-                members = np.flatnonzero(self.train_labels == label)
-                extra.append(rng.choice(members, floor - count, replace=True))
+        for label in range(len(self.labels)):
+            real = np.flatnonzero((self.train_labels == label) & self.train_is_real)
+            members = real if len(real) else np.flatnonzero(self.train_labels == label)
+            if 0 < len(members) < floor:
+                extra.append(rng.choice(members, floor - len(members), replace=True))
         idx = np.concatenate([np.arange(len(self.train_labels)), *extra]) if extra else np.arange(len(self.train_labels))
         return rng.permutation(idx)
 
