@@ -6,9 +6,8 @@
 Prints one JSON object:
   feature_generation  ``TrainingData.epoch(e)`` alone (augmentation + MFCC of one epoch), i.e.
                       the work the Prefetcher thread must finish while an epoch trains.
-  model_only          the Trainer's train step (same tf.function, optimizer and loop, replicated
-                      below because Trainer defines it inside ``_run``) on one epoch's features
-                      precomputed in memory, plus the Trainer's validation pass.
+  model_only          the Trainer's train step (speechrnn.train.build_training + make_steps) on
+                      one epoch's features precomputed in memory, plus the validation pass.
   pipeline            the real ``speechrnn.train.Trainer`` for ``--epochs`` epochs in a temporary
                       run folder; per-epoch ``seconds`` from its history.csv. The Prefetcher is
                       instrumented (not changed) to record how long the loop waited for features.
@@ -44,10 +43,9 @@ sys.path.insert(0, str(REPO))
 from data_prep.augment import augment  # noqa: E402
 from data_prep.features import mfcc_batched  # noqa: E402
 from speechrnn import train as train_module  # noqa: E402
-from speechrnn.models import build_model  # noqa: E402
 from speechrnn.runconfig import TrainConfig  # noqa: E402
 from speechrnn.tfutil import import_tf  # noqa: E402
-from speechrnn.train import Prefetcher, Trainer, TrainingData  # noqa: E402
+from speechrnn.train import Prefetcher, Trainer, TrainingData, build_training, make_steps  # noqa: E402
 from speechrnn.training_setup import make_train_config  # noqa: E402
 
 DEFAULT_RECIPE = REPO / "recipes" / "default.json"
@@ -98,49 +96,12 @@ def time_feature_generation(data: TrainingData, epoch: int) -> tuple[dict, np.nd
 def time_model_only(
     cfg: TrainConfig, data: TrainingData, x: np.ndarray, y: np.ndarray, steps: int, warmup_steps: int
 ) -> dict:
-    """The Trainer's step on in-memory features. Model, schedule, optimizer, train_step, predict
-    and the loop body are copied from speechrnn.train.Trainer._run and must stay identical to it."""
-    tf = import_tf()
+    """The Trainer's own model, optimizer and compiled step (speechrnn.train) on in-memory features."""
     import keras
 
-    labels = data.labels
     norm = {"mean": x.mean(axis=(0, 1)).tolist(), "variance": x.var(axis=(0, 1)).tolist()}
-    keras.utils.set_random_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.features.shape, len(labels), norm["mean"], norm["variance"], cfg.seed)
-    steps_per_epoch = math.ceil(data.epoch_size / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        cfg.learning_rate * 0.1,
-        max(1, total_steps - warmup),
-        alpha=0.01,
-        warmup_target=cfg.learning_rate,
-        warmup_steps=warmup,
-    )
-    optimizer = keras.optimizers.Adam(
-        learning_rate=schedule,
-        global_clipnorm=cfg.clipnorm if cfg.clipnorm > 0 else None,
-        clipvalue=cfg.clipvalue if cfg.clipnorm <= 0 and cfg.clipvalue > 0 else None,
-    )
-    optimizer.build(model.trainable_variables)
-    spec_x = tf.TensorSpec([None, *cfg.features.shape], tf.float32)
-    spec_y = tf.TensorSpec([None], tf.int32)
-
-    @tf.function(input_signature=[spec_x, spec_y])
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            probs = model(x, training=True)
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probs))
-        grads = tape.gradient(loss, model.trainable_variables)
-        norm_ = tf.linalg.global_norm(grads)
-        optimizer.apply(grads, model.trainable_variables)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
-        return loss, norm_, correct
-
-    @tf.function(input_signature=[spec_x])
-    def predict(x):
-        return model(x, training=False)
-
+    model, optimizer, _ = build_training(cfg, len(data.labels), norm, data.epoch_size)
+    train_step, predict = make_steps(model, optimizer, cfg)
     bs = cfg.batch_size
     starts = list(range(0, len(x), bs))
     t0 = time.perf_counter()

@@ -22,11 +22,11 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
     return samples
 
 
-def resample(samples: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+def resample(samples: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE, quality: str = "HQ") -> np.ndarray:
     """Resample with soxr (the resampler librosa itself uses); a no-op at the same rate."""
     if orig_sr == target_sr:
         return np.asarray(samples, dtype=np.float32)
-    return soxr.resample(samples, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+    return soxr.resample(samples, orig_sr, target_sr, quality=quality).astype(np.float32, copy=False)
 
 
 def check_audio(samples: np.ndarray, path: str | os.PathLike) -> np.ndarray:

@@ -51,7 +51,8 @@ def change_speed(wave: np.ndarray, factor: float, sample_rate: int = 16000) -> n
     if factor == 1.0:
         return wave
     n = len(wave)
-    faster = resample(wave, int(round(sample_rate * factor)), sample_rate)
+    # Low quality is plenty for augmentation and 4x cheaper than HQ (it was 96% of augment time).
+    faster = resample(wave, int(round(sample_rate * factor)), sample_rate, quality="LQ")
     if len(faster) >= n:
         start = (len(faster) - n) // 2
         return faster[start : start + n]

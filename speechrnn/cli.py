@@ -5,11 +5,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 
 import click
 
 from data_prep.errors import SpeechRNNError
+
+
+def _fast_exit(status: int) -> None:
+    """Exit without TensorFlow's interpreter teardown (~1.3 s) once all output is flushed."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _report_errors(fn):
@@ -197,6 +206,7 @@ def evaluate(model: str, data: str, split: str, as_json: bool, plot: str | None)
     if plot:
         plot_confusion(report, plot)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    _fast_exit(0)
 
 
 @main.command()
@@ -232,7 +242,7 @@ def classify(inputs: tuple[str, ...], model_opt: str | None, top_k: int, as_json
         else:
             others = "  ".join(f"{label} {p:.3f}" for label, p in result.top[1:])
             click.echo(f"{result.path}\t{result.label}\t{result.score:.3f}" + (f"\t({others})" if others else ""))
-    sys.exit(1 if failed else 0)
+    _fast_exit(1 if failed else 0)
 
 
 def _looks_like_model(path: str) -> bool:

@@ -18,7 +18,7 @@ from data_prep.audio import load_audio
 from data_prep.dataset import SILENCE
 from data_prep.errors import SpeechRNNError
 from data_prep.features import FeatureConfig
-from speechrnn.export import FORMAT, META_FILE
+from speechrnn.export import FORMAT, META_FILE, XLA_DIR
 from speechrnn.tfutil import import_tf
 
 BATCH = 64
@@ -71,25 +71,34 @@ class Recognizer:
         self.meta = read_metadata(self.model_dir)
         self.labels: list[str] = self.meta["labels"]
         self.features = FeatureConfig.from_dict(self.meta["features"])
-        tf = import_tf()
+        tf = import_tf(keras=False)
         self._tf = tf
         try:
             self._loaded = tf.saved_model.load(str(self.model_dir))
         except Exception as exc:  # noqa: BLE001 - any load failure means a damaged export
             raise SpeechRNNError(f"cannot load the SavedModel ({type(exc).__name__})", self.model_dir) from None
         sigs = self._loaded.signatures
-        self._waveform_fn = {False: sigs["serving_default"], True: sigs["waveform_xla"]}
-        self._mfcc_fn = {False: sigs["mfcc"], True: sigs["mfcc_xla"]}
+        self._fns = {("waveform", False): sigs["serving_default"], ("mfcc", False): sigs["mfcc"]}
+
+    def _fn(self, kind: str, xla: bool):
+        """The signature; the XLA sub-export is loaded on first use (streaming), not for one-shot calls."""
+        if (kind, xla) not in self._fns:
+            try:
+                sigs = self._tf.saved_model.load(str(self.model_dir / XLA_DIR)).signatures
+            except Exception as exc:  # noqa: BLE001 - any load failure means a damaged export
+                raise SpeechRNNError(f"cannot load the XLA sub-export ({type(exc).__name__})", self.model_dir) from None
+            self._fns.update({("waveform", True): sigs["waveform_xla"], ("mfcc", True): sigs["mfcc_xla"]})
+        return self._fns[(kind, xla)]
 
     def probabilities(self, waves: np.ndarray, xla: bool = False) -> np.ndarray:
         """[n, samples] float32 at 16 kHz -> [n, labels], in fixed-size batches.
 
         ``xla``: the compiled signature; ~1-2 s to compile once, then ~10x faster per call.
         """
-        return self._batched(self._waveform_fn[xla], "waveform", np.asarray(waves, np.float32))
+        return self._batched(self._fn("waveform", xla), "waveform", np.asarray(waves, np.float32))
 
     def probabilities_from_mfcc(self, feats: np.ndarray, xla: bool = False) -> np.ndarray:
-        return self._batched(self._mfcc_fn[xla], "mfcc", np.asarray(feats, np.float32))
+        return self._batched(self._fn("mfcc", xla), "mfcc", np.asarray(feats, np.float32))
 
     def _batched(self, fn, name: str, x: np.ndarray) -> np.ndarray:
         if len(x) == 1:

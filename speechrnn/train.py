@@ -198,6 +198,55 @@ def model_from_run(run_dir: str | os.PathLike, checkpoint: str = "best"):
     return config, model
 
 
+def build_training(cfg: TrainConfig, num_labels: int, norm: dict, epoch_size: int):
+    """The model, its Adam optimizer (gradient clipping, warm-up + cosine schedule) and the schedule."""
+    import keras
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.features.shape, num_labels, norm["mean"], norm["variance"], cfg.seed)
+    steps_per_epoch = math.ceil(epoch_size / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        cfg.learning_rate * 0.1, max(1, total_steps - warmup), alpha=0.01,
+        warmup_target=cfg.learning_rate, warmup_steps=warmup,
+    )
+    optimizer = keras.optimizers.Adam(
+        learning_rate=schedule,
+        global_clipnorm=cfg.clipnorm if cfg.clipnorm > 0 else None,
+        clipvalue=cfg.clipvalue if cfg.clipnorm <= 0 and cfg.clipvalue > 0 else None,
+    )
+    optimizer.build(model.trainable_variables)
+    return model, optimizer, schedule
+
+
+def make_steps(model, optimizer, cfg: TrainConfig):
+    """Compiled (train_step, predict). train_step returns loss, the global gradient norm before
+    clipping (the optimizer clips inside apply), and the number of correct predictions."""
+    tf = import_tf()
+    import keras
+
+    spec_x = tf.TensorSpec([None, *cfg.features.shape], tf.float32)
+    spec_y = tf.TensorSpec([None], tf.int32)
+
+    @tf.function(input_signature=[spec_x, spec_y])
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            probs = model(x, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probs))
+        grads = tape.gradient(loss, model.trainable_variables)
+        norm = tf.linalg.global_norm(grads)
+        optimizer.apply(grads, model.trainable_variables)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
+        return loss, norm, correct
+
+    @tf.function(input_signature=[spec_x])
+    def predict(x):
+        return model(x, training=False)
+
+    return train_step, predict
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, report: Callable[[str], None] | None = None,
                  show_progress: bool = True):
@@ -224,7 +273,7 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
-        tf = import_tf()
+        import_tf()
         import keras
 
         cfg = self.config
@@ -232,12 +281,12 @@ class Trainer:
         self._log_handler = logging.FileHandler(self.run_dir / "train.log")
         logging.getLogger("speechrnn").addHandler(self._log_handler)
         try:
-            return self._run(tf, keras, cfg, resume)
+            return self._run(keras, cfg, resume)
         finally:
             logging.getLogger("speechrnn").removeHandler(self._log_handler)
             self._log_handler.close()
 
-    def _run(self, tf, keras, cfg: TrainConfig, resume: bool) -> dict:
+    def _run(self, keras, cfg: TrainConfig, resume: bool) -> dict:
         started = time.time()
         data = TrainingData(cfg, self.show_progress)
         labels = data.labels
@@ -258,43 +307,14 @@ class Trainer:
             x0, _ = prefetch.get(0)  # statistics from the first (augmented) epoch: seeded, cheap
             norm = {"mean": x0.mean(axis=(0, 1)).tolist(), "variance": x0.var(axis=(0, 1)).tolist()}
             write_json_atomic(norm_path, norm)
-        keras.utils.set_random_seed(cfg.seed)
-        model = build_model(cfg.model, cfg.features.shape, len(labels), norm["mean"], norm["variance"], cfg.seed)
-        steps_per_epoch = math.ceil(data.epoch_size / cfg.batch_size)
-        total_steps = steps_per_epoch * cfg.epochs
-        warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
-        schedule = keras.optimizers.schedules.CosineDecay(
-            cfg.learning_rate * 0.1, max(1, total_steps - warmup), alpha=0.01,
-            warmup_target=cfg.learning_rate, warmup_steps=warmup,
-        )
-        optimizer = keras.optimizers.Adam(
-            learning_rate=schedule,
-            global_clipnorm=cfg.clipnorm if cfg.clipnorm > 0 else None,
-            clipvalue=cfg.clipvalue if cfg.clipnorm <= 0 and cfg.clipvalue > 0 else None,
-        )
-        optimizer.build(model.trainable_variables)
+        if first_epoch <= cfg.epochs:
+            prefetch.start(first_epoch)  # the first epoch's features are made while the model is built
+        model, optimizer, schedule = build_training(cfg, len(labels), norm, data.epoch_size)
         if resume and state_path.exists():
             model.set_weights(load_weights_npz(state_path, "model"))
             for var, value in zip(optimizer.variables, load_weights_npz(state_path, "opt"), strict=True):
                 var.assign(value)
-
-        spec_x = tf.TensorSpec([None, *cfg.features.shape], tf.float32)
-        spec_y = tf.TensorSpec([None], tf.int32)
-
-        @tf.function(input_signature=[spec_x, spec_y])
-        def train_step(x, y):
-            with tf.GradientTape() as tape:
-                probs = model(x, training=True)
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probs))
-            grads = tape.gradient(loss, model.trainable_variables)
-            norm_ = tf.linalg.global_norm(grads)
-            optimizer.apply(grads, model.trainable_variables)
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
-            return loss, norm_, correct
-
-        @tf.function(input_signature=[spec_x])
-        def predict(x):
-            return model(x, training=False)
+        train_step, predict = make_steps(model, optimizer, cfg)
 
         n_params = int(model.count_params())
         self.report(f"{cfg.model.name}: {n_params:,} parameters; {len(data.train_examples)} training clips "
