@@ -62,15 +62,17 @@ class WaveformLoader:
             return fix_length(self.noise(example.path)[example.offset : example.offset + n] * example.gain, n)
         return fix_length(load_audio(example.path, self.config.sample_rate), n)
 
-    def load_many(self, examples: list[Example]) -> tuple[np.ndarray, list[int], list[SpeechRNNError]]:
+    def load_many(self, examples: list[Example], progress_label: str | None = None
+                  ) -> tuple[np.ndarray, list[int], list[SpeechRNNError]]:
         """Waveforms of the examples that loaded, their indices, and the errors of those that did not."""
         waves, kept, errors = [], [], []
-        for i, ex in enumerate(examples):
-            try:
-                waves.append(self.load(ex))
-                kept.append(i)
-            except SpeechRNNError as err:
-                errors.append(err)
+        with progress(examples, progress_label or "", progress_label is not None) as bar:
+            for i, ex in enumerate(bar):
+                try:
+                    waves.append(self.load(ex))
+                    kept.append(i)
+                except SpeechRNNError as err:
+                    errors.append(err)
         out = np.stack(waves) if waves else np.zeros((0, self.config.clip_samples), np.float32)
         return out, kept, errors
 

@@ -72,19 +72,11 @@ class TrainingData:
             )
         self.labels = task.labels
         index = {label: i for i, label in enumerate(self.labels)}
-        loader = WaveformLoader(fc)
-        waves, kept, errors = [], [], []
-        with progress(train, "loading training audio", show_progress) as bar:
-            for i, ex in enumerate(bar):
-                try:
-                    waves.append(loader.load(ex))
-                    kept.append(i)
-                except SpeechRNNError as err:
-                    errors.append(err)
+        waves, kept, errors = WaveformLoader(fc).load_many(train, "loading training audio" if show_progress else None)
         for err in errors:
             log.warning("skipped: %s", err)
         self.train_examples = [train[i] for i in kept]
-        self.train_waves = np.stack(waves)
+        self.train_waves = waves
         self.train_labels = np.array([index[ex.label] for ex in self.train_examples], np.int32)
         self.train_is_real = np.array([i < n_real for i in kept])  # from --data, not --train-only
         # Noise for mixing: only the training region of each recording.
