@@ -14,10 +14,8 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -25,6 +23,7 @@ from contextlib import nullcontext
 from pathlib import Path, PurePosixPath
 
 from data_prep.errors import SpeechRNNError
+from data_prep.files import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +223,7 @@ def download_dataset(
         log.info("downloading %s to %s", url, part)
         _fetch(url, part, show_progress)
         archive = part
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".extracting", dir=out.parent)).resolve()
-    try:
+    with staged_folder(out) as tmp:
         try:
             digest = _extract(archive, tmp, show_progress)
             if expected and digest != expected:
@@ -250,15 +248,6 @@ def download_dataset(
         except OSError as err:
             raise SpeechRNNError(f"could not extract into {tmp}: {err}", archive) from None
         (tmp / MARKER).write_text(json.dumps({"version": version, "url": url, "sha256": digest}, indent=2))
-        try:
-            if out.is_dir():
-                out.rmdir()  # empty, checked above; a concurrent writer makes this fail loudly
-            os.rename(tmp, out)
-        except OSError as err:
-            raise SpeechRNNError(f"could not move the extracted dataset into place: {err}", out) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if archive == part and cache_dir is not None:
         os.replace(part, kept)
     elif archive == part:

@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from data_prep.audio import fix_length, resample, write_wav
 from data_prep.dataset import BACKGROUND_DIR, COMMANDS, SPLITS, split_by_hash
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import progress
+from data_prep.files import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,7 @@ def synthesize_dataset(
     voices = [f"{a}+{v}" if v else a for a in ACCENTS for v in voice_variants(exe)]
     specs = plan_clips(words, per_word, voices, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
+    with staged_folder(out) as tmp:
         for word in words:
             (tmp / word).mkdir()
         pool = ThreadPoolExecutor(workers)
@@ -245,15 +243,6 @@ def synthesize_dataset(
         # what was drawn for each clip, so a clip can be re-made or traced to its voice
         record = {"seed": seed, "words": words, "per_word": per_word, "sample_rate": sample_rate, "noise": noise}
         (tmp / "synth.json").write_text(json.dumps({**record, "clips": [asdict(s) for s in specs]}, indent=1))
-        try:
-            if out.exists():
-                out.rmdir()  # empty when checked above; fails if someone filled it meanwhile
-            os.rename(tmp, out)
-        except OSError as exc:
-            raise SpeechRNNError(f"cannot move the new dataset into place ({exc.strerror}); delete it", out) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary = {
         "clips": len(specs),
         "words": words,
