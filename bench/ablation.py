@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -62,7 +63,7 @@ def latency_ms(model: Path) -> float:
 import time, numpy as np
 from speechrnn.tfutil import import_tf
 tf = import_tf()
-fn = tf.saved_model.load({str(model)!r}).signatures["mfcc_xla"]
+fn = tf.saved_model.load({str(model / "xla")!r}).signatures["mfcc_xla"]
 x = tf.constant(np.random.default_rng(0).standard_normal((1, 98, 40)).astype("float32") * 10)
 for _ in range(20): fn(mfcc=x)
 times = []
@@ -75,7 +76,8 @@ print(sorted(times)[len(times) // 2] * 1000)
 
 
 def run_row(name: str, extra: list[str], seed: int, args, synth: list[str], work: Path, env: dict) -> dict:
-    run, model = work / f"{abs(hash(name)) % 10**8}-s{seed}", work / f"{abs(hash(name)) % 10**8}-s{seed}-model"
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower())[:40].strip("-")
+    run, model = work / f"{slug}-s{seed}", work / f"{slug}-s{seed}-model"
     train_only = [] if "@nosynth" in extra else [a for folder in synth for a in ("--train-only", folder)]
     flags = [a for a in extra if not a.startswith("@")]
     started = time.time()
@@ -96,7 +98,7 @@ def run_row(name: str, extra: list[str], seed: int, args, synth: list[str], work
         diverged=False, accuracy=report["accuracy"], examples=report["examples"], lowest_recall=recalls[worst],
         lowest_recall_label=worst, parameters=meta["model"]["parameters"],
         size_mb=round(sum(p.stat().st_size for p in model.rglob("*") if p.is_file()) / 1e6, 2),
-        latency_ms=round(latency_ms(model), 2),
+        latency_ms=round(latency_ms(model), 2), model=str(model),
     )
     return row
 
@@ -129,7 +131,19 @@ def main() -> None:
     parser.add_argument("--max-per-label", type=int, default=300)
     parser.add_argument("--rows", default=None, help="comma-separated row numbers (0-based) to run")
     parser.add_argument("--work", default=None, help="folder for runs (default: the cache)")
+    parser.add_argument("--report", nargs="+", metavar="ABLATION_JSON",
+                        help="no training: merge these ablation.json files (e.g. two seed runs), fill in missing "
+                             "latencies from their saved models, print the table")
     args = parser.parse_args()
+    if args.report:
+        rows = [row for path in args.report for row in json.loads(Path(path).read_text())]
+        for row in rows:
+            missing = row.get("latency_ms") is None or math.isnan(row["latency_ms"])
+            if missing and row.get("model"):
+                row["latency_ms"] = round(latency_ms(Path(row["model"])), 2)
+        print(json.dumps(rows, indent=1))
+        print(table(sorted(rows, key=lambda r: list(ROWS).index(r["row"]) if r["row"] in ROWS else 99)))
+        return
     cache = Path(os.environ.get("SPEECHRNN_CACHE") or Path.home() / ".cache" / "speechrnn")
     env = {**os.environ, "SPEECHRNN_CACHE": str(cache)}
     work = Path(args.work or cache / "ablation")
