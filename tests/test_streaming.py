@@ -6,7 +6,7 @@ prepared probability vectors, one per call (per hop), so every rule is tested at
 smoothing, threshold, refractory period, the never-reported classes, the stream clock, chunk-size
 independence and the incremental features.
 
-Timeline (defaults: 1 s window of 10 ms frames, 100 ms hop): the first call comes once 1 s of
+Timeline (1 s window of 10 ms frames, a 100 ms hop set by TIMELINE): the first call comes once 1 s of
 audio is in, and call k at stream time 1.0 + 0.1 k s.
 """
 
@@ -23,6 +23,7 @@ LABELS = [SILENCE, UNKNOWN, "yes", "no", "up", "down"]
 FEATURES = FeatureConfig()
 SR = FEATURES.sample_rate
 HOP = 1600  # samples per 100 ms hop
+TIMELINE = {"hop_ms": 100.0, "smoothing_ms": 300.0}  # the timeline these tests are written for
 
 
 def probs(**scores: float) -> np.ndarray:
@@ -67,7 +68,7 @@ def audio_for(hops: int, seed: int = 0) -> np.ndarray:
 
 def detect(script: dict[int, np.ndarray], hops: int, **config) -> tuple[list[Detection], ScriptedScores]:
     scores = ScriptedScores(script)
-    detector = StreamingDetector(scores, LABELS, FEATURES, StreamConfig(**config))
+    detector = StreamingDetector(scores, LABELS, FEATURES, StreamConfig(**{**TIMELINE, **config}))
     found = detector.push(audio_for(hops))
     assert len(scores.windows) == hops == detector.hops_scored
     assert found == detector.detections
@@ -164,7 +165,7 @@ def test_detection_time_is_stream_time():
     """A detection is stamped with the stream time of the hop that made it: the end of the
     newest frame in the window scored, in seconds of audio since the stream began."""
     scores = ScriptedScores(during(range(13, 16), probs(down=0.99)))
-    detector = StreamingDetector(scores, LABELS, FEATURES, StreamConfig())
+    detector = StreamingDetector(scores, LABELS, FEATURES, StreamConfig(**TIMELINE))
     scores.clock = lambda: detector.stream_time
     audio = audio_for(30)
     assert detector.push(audio[: SR - 1]) == [] and scores.windows == []  # not a whole second yet
@@ -195,7 +196,7 @@ def speechlike(seconds: float, seed: int = 1) -> np.ndarray:
 
 def run_in_chunks(audio: np.ndarray, chunk: int, script: dict[int, np.ndarray]):
     scores = ScriptedScores(script)
-    detector = StreamingDetector(scores, LABELS, FEATURES, StreamConfig())
+    detector = StreamingDetector(scores, LABELS, FEATURES, StreamConfig(**TIMELINE))
     found = []
     for start in range(0, len(audio), chunk):
         found += detector.push(audio[start : start + chunk])
