@@ -5,7 +5,7 @@
 Figures (targets beside them: batch-1 <= 5 ms, >= 300 files/s through the CLI, one file <= 4 s):
   latency_batch1 batch-1, one 1 s clip, through the SavedModel loaded with plain
                  ``tf.saved_model.load``: its signatures serving_default (plain graph),
-                 waveform_xla and mfcc_xla (what the streaming loop calls); after warm-up,
+                 and from its xla/ sub-export waveform_xla and mfcc_xla (what the streaming loop calls); after warm-up,
                  each call timed on its own including ``.numpy()`` of the probabilities.
   cli_throughput ``speechrnn classify MODEL f1 ... fN --json`` on N real files, one process.
   cli_one_file   ``speechrnn classify MODEL FILE`` wall time, start-up included; and a bare
@@ -103,8 +103,12 @@ def child_latency(model: Path, clip: Path, calls: int, warmup: int, files: list[
     feats = mfcc(wave[0], features)[None]
     t0 = time.perf_counter()
     loaded = tf.saved_model.load(str(model))
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loaded_xla = tf.saved_model.load(str(model / "xla"))  # the XLA signatures' sub-export
     out: dict = {
-        "load_s": r(time.perf_counter() - t0),
+        "load_s": r(load_s),
+        "load_xla_s": r(time.perf_counter() - t0),
         "tensorflow": tf.__version__,
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "input": {"clip": str(clip), "waveform": list(wave.shape), "mfcc": list(feats.shape)},
@@ -117,7 +121,7 @@ def child_latency(model: Path, clip: Path, calls: int, warmup: int, files: list[
     }
     results, probs = {}, {}
     for name, (arg, x) in inputs.items():
-        fn = loaded.signatures[name]
+        fn = (loaded_xla if name.endswith("_xla") else loaded).signatures[name]
         t0 = time.perf_counter()
         probs[name] = fn(**{arg: x})["probabilities"].numpy()
         first = time.perf_counter() - t0
