@@ -49,7 +49,7 @@ def run(args) -> int:
     from speechrnn.export import export_run
     from speechrnn.microphone import detector_for, file_chunk_source, run_listener
     from speechrnn.models import ModelConfig
-    from speechrnn.recognizer import Recognizer
+    from speechrnn.recognizer import Recognizer, default_model_dir
     from speechrnn.runconfig import TrainConfig
     from speechrnn.streaming import StreamConfig
     from speechrnn.train import Trainer
@@ -112,6 +112,13 @@ def run(args) -> int:
                          lambda d: print(f"{d.time:6.2f}s  {d.label:<6} {d.score:.2f}"))
     print(f"spoken: {' '.join(ex.label for ex in picks)}")
     print(f"heard:  {' '.join(d.label for d in stats.detections) or '(nothing)'}")
+    shipped = default_model_dir()
+    if (shipped / "saved_model.pb").exists():
+        say(f"listen: the same recording with the shipped {shipped} (trained longer on far more speech)")
+        detector = detector_for(Recognizer(shipped), StreamConfig())
+        stats = run_listener(detector, file_chunk_source(out / "stream.wav"),
+                             lambda d: print(f"{d.time:6.2f}s  {d.label:<6} {d.score:.2f}"))
+        print(f"heard:  {' '.join(d.label for d in stats.detections) or '(nothing)'}")
     say(f"done in {time.time() - started:.0f} s; everything is in {out}/. Next: speechrnn listen (microphone), "
         "speechrnn classify FILE, make test")
     return 0
