@@ -140,7 +140,3 @@ class StreamingDetector:
         """RMS level (dBFS) of the newest 100 ms seen, for a meter."""
         recent = self._recent if len(self._recent) else np.zeros(1, np.float32)
         return float(20 * np.log10(max(1e-6, float(np.sqrt(np.mean(recent**2))))))
-
-
-def file_chunks(samples: np.ndarray, chunk: int) -> list[np.ndarray]:
-    return [samples[i : i + chunk] for i in range(0, len(samples), chunk)]
