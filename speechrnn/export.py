@@ -149,16 +149,17 @@ def validation_metrics(model, run_dir: Path, labels: list[str]) -> dict:
         dataset = SpeechCommands.open(folder)
         for split in groups:
             groups[split] += dataset.examples(config.task, split)
+    feats = featurize(groups["validation"] + groups[HOLDOUT], config.features, show_progress=False)
+    if not len(feats.features):
+        return {}
+    predicted = model.predict(feats.features, batch_size=256, verbose=0).argmax(1)
+    truth = np.array([labels.index(ex.label) for ex in feats.examples])
+    is_validation = np.array([ex.split == "validation" for ex in feats.examples])
     out = {}
-    for name, examples in (("validation", groups["validation"]), ("unseen", groups["validation"] + groups[HOLDOUT])):
-        if name == "unseen" and not groups[HOLDOUT]:
+    for name, rows in (("validation", is_validation), ("unseen", np.ones_like(is_validation))):
+        if name == "unseen" and is_validation.all():
             continue
-        feats = featurize(examples, config.features, show_progress=False)
-        if not len(feats.features):
-            continue
-        probs = model.predict(feats.features, batch_size=256, verbose=0)
-        truth = np.array([labels.index(ex.label) for ex in feats.examples])
-        report = metrics_from_predictions(truth, probs.argmax(1), labels)
+        report = metrics_from_predictions(truth[rows], predicted[rows], labels)
         out[name] = {k: report[k] for k in ("accuracy", "accuracy_95ci", "examples", "per_class")}
     return out
 
