@@ -39,6 +39,11 @@ ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "
 INSTALL_HINT = "install it with: sudo apt-get install espeak-ng"
 NOISE_SECONDS = 60
 MAX_SPEEDUP = 1.3  # beyond this a squeezed word sounds like a chipmunk; crop the rest instead
+# What espeak-ng reads for a word. People say "off" as /ɔf/, /ɑf/ or /ɒf/ and "on" likewise, but
+# espeak-ng has one vowel per accent for each, so the other spellings give it the vowels it lacks.
+SPELLINGS = {"off": ("off", "awf", "ahf"), "on": ("on", "awn", "ahn")}
+# A word alone is said as a statement, a command or a question; espeak-ng's intonation follows.
+ENDINGS = ("", ".", "!", "?")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class ClipSpec:
     level: float  # peak of the finished clip
     position: float  # 0..1: where in the free space the word starts
     name: str = ""  # <speaker>_nohash_<n>.wav
+    text: str = ""  # what espeak-ng reads (a spelling of word, maybe with punctuation); "" = word
 
 
 def speaker_id(voice: str) -> str:
@@ -132,7 +138,7 @@ def trim_silence(samples: np.ndarray, sample_rate: int, top_db: float = 30.0) ->
 
 def render_clip(exe: str, spec: ClipSpec, sample_rate: int = 16000) -> np.ndarray:
     """One espeak-ng word -> exactly one second at sample_rate, placed and levelled per spec."""
-    raw, rate = speak(exe, spec.voice, spec.word, spec.speed, spec.pitch, spec.amplitude)
+    raw, rate = speak(exe, spec.voice, spec.text or spec.word, spec.speed, spec.pitch, spec.amplitude)
     speech = trim_silence(resample(raw, rate, sample_rate), sample_rate)
     if speech.size == 0:
         raise SpeechRNNError(f"espeak-ng produced silence for {spec.word!r} in voice {spec.voice!r}")
@@ -145,9 +151,10 @@ def render_clip(exe: str, spec: ClipSpec, sample_rate: int = 16000) -> np.ndarra
     return clip
 
 
-def plan_clips(words: list[str], per_word: int, voices: list[str], seed: int) -> list[ClipSpec]:
+def plan_clips(words: list[str], per_word: int, voices: list[str], seed: int, plain: bool = False) -> list[ClipSpec]:
     """Draw every clip's voice and settings. Each word has its own stream (seed, word), so adding
-    a word or changing per_word does not reshuffle the other words' voices."""
+    a word or changing per_word does not reshuffle the other words' voices. plain: every word as
+    spelled, no endings (the draws stop where they did before spellings existed)."""
     specs, counts = [], Counter()
     for word in words:
         rng = np.random.default_rng([seed, int(hashlib.sha1(word.encode("utf-8")).hexdigest()[:8], 16)])
@@ -158,7 +165,11 @@ def plan_clips(words: list[str], per_word: int, voices: list[str], seed: int) ->
             counts[word, speaker] += 1
             speed, pitch, amplitude = (int(rng.integers(lo, hi + 1)) for lo, hi in ((110, 220), (20, 80), (70, 130)))
             level, position = round(float(rng.uniform(0.3, 0.9)), 4), round(float(rng.random()), 4)
-            specs.append(ClipSpec(word, voice, speed, pitch, amplitude, level, position, name))
+            text = ""
+            if not plain:
+                spellings = SPELLINGS.get(word, (word,))
+                text = spellings[int(rng.integers(len(spellings)))] + ENDINGS[int(rng.integers(len(ENDINGS)))]
+            specs.append(ClipSpec(word, voice, speed, pitch, amplitude, level, position, name, text))
     return specs
 
 
@@ -207,6 +218,7 @@ def synthesize_dataset(
     show_progress: bool = True,
     sample_rate: int = 16000,
     workers: int = 2,
+    plain: bool = False,
 ) -> dict:
     """Write per_word espeak-ng clips of each word to out/<word>/, plus split lists and noise.
 
@@ -221,7 +233,7 @@ def synthesize_dataset(
         raise SpeechRNNError("already exists and is not empty; pick another folder or delete it", out)
     exe = espeak_executable()
     voices = [f"{a}+{v}" if v else a for a in ACCENTS for v in voice_variants(exe)]
-    specs = plan_clips(words, per_word, voices, seed)
+    specs = plan_clips(words, per_word, voices, seed, plain)
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_folder(out) as tmp:
         for word in words:
@@ -241,7 +253,8 @@ def synthesize_dataset(
             (tmp / f"{split}_list.txt").write_text("".join(f"{rel}\n" for rel in splits[split]))
         noise = write_noise(tmp / BACKGROUND_DIR, noise_from, seed, sample_rate)
         # what was drawn for each clip, so a clip can be re-made or traced to its voice
-        record = {"seed": seed, "words": words, "per_word": per_word, "sample_rate": sample_rate, "noise": noise}
+        record = {"seed": seed, "words": words, "per_word": per_word, "plain": plain, "sample_rate": sample_rate,
+                  "noise": noise}
         (tmp / "synth.json").write_text(json.dumps({**record, "clips": [asdict(s) for s in specs]}, indent=1))
     summary = {
         "clips": len(specs),

@@ -113,13 +113,16 @@ def data_download(version: str, out: str, url: str | None, sha256: str | None) -
 @click.option("--noise-from", type=click.Path(file_okay=False), default=None,
               help="Copy _background_noise_ from this dataset (default: generate white/pink noise).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--plain", is_flag=True,
+              help="Each word as spelled, no intonation endings (no 'awf'/'ahf' for 'off'); for comparisons.")
 @_report_errors
-def data_synth(out: str, words: str | None, per_word: int, noise_from: str | None, seed: int) -> None:
+def data_synth(out: str, words: str | None, per_word: int, noise_from: str | None, seed: int, plain: bool) -> None:
     """Speak words with espeak-ng in many voices into a Speech Commands-style folder OUT."""
     from data_prep.synth import DEFAULT_WORDS, synthesize_dataset
 
     summary = synthesize_dataset(
-        out, words.split(",") if words else list(DEFAULT_WORDS), per_word, noise_from=noise_from, seed=seed
+        out, words.split(",") if words else list(DEFAULT_WORDS), per_word, noise_from=noise_from, seed=seed,
+        plain=plain,
     )
     click.echo(f"wrote {summary['clips']} clips of {len(summary['words'])} words to {out}")
 

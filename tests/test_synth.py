@@ -136,3 +136,18 @@ def test_refuses_a_non_empty_out(tmp_path, synth_dir):
 def test_bad_words(tmp_path, words):
     with pytest.raises(SpeechRNNError):
         synthesize_dataset(tmp_path / "out", words, 1, show_progress=False)
+
+
+def test_on_and_off_are_spoken_in_the_vowels_people_use():
+    from data_prep.synth import ENDINGS, SPELLINGS, plan_clips
+
+    voices = ["en-us", "en-gb"]
+    specs = plan_clips(["off", "yes"], 80, voices, seed=5)
+    off_texts = {s.text for s in specs if s.word == "off"}
+    assert {t.rstrip("".join(ENDINGS)) for t in off_texts} == set(SPELLINGS["off"])
+    assert {t[-1] for t in off_texts if t[-1] in ".!?"} == {".", "!", "?"}
+    assert {s.text.rstrip(".!?") for s in specs if s.word == "yes"} == {"yes"}
+    plain = plan_clips(["off", "yes"], 80, voices, seed=5, plain=True)
+    assert {s.text for s in plain} == {""}  # espeak-ng reads the word itself
+    # same voices and settings for the first clip: plain only skips the extra draws
+    assert (plain[0].voice, plain[0].speed, plain[0].pitch) == (specs[0].voice, specs[0].speed, specs[0].pitch)
