@@ -1,4 +1,5 @@
-"""Training-time augmentation on waveforms: background noise, time shift, speed, gain.
+"""Training-time augmentation on waveforms: speed, room reverberation, microphone colouring,
+time shift, gain, background noise.
 
 Deterministic for a seed: ``augment(waves, noise, config, rng)`` with the same generator state
 gives the same output. Never used for validation or testing (the trainer only calls it on
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy.signal import fftconvolve, lfilter
 
 from data_prep.audio import fix_length, resample
 
@@ -21,6 +23,9 @@ class AugmentConfig:
     time_shift_ms: float = 100.0  # shift each clip by up to +-this, zero-filled
     speed_range: float = 0.0  # e.g. 0.1: play 0.9x..1.1x (changes tempo and pitch together)
     gain_db: float = 0.0  # e.g. 6: random level change of up to +-6 dB
+    reverb_probability: float = 0.0  # share of clips played in a simulated room
+    reverb_seconds: float = 0.6  # the longest reverberation time (RT60) drawn
+    eq_probability: float = 0.0  # share of clips given a random spectral tilt (another microphone)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -31,7 +36,7 @@ class AugmentConfig:
 
     @classmethod
     def off(cls) -> AugmentConfig:
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0)
+        return cls(background_probability=0.0, background_volume=0.0, time_shift_ms=0.0)
 
 
 def time_shift(wave: np.ndarray, shift: int) -> np.ndarray:
@@ -60,6 +65,38 @@ def change_speed(wave: np.ndarray, factor: float, sample_rate: int = 16000) -> n
     return np.pad(faster, (pad // 2, pad - pad // 2))
 
 
+def reverberate(wave: np.ndarray, rng: np.random.Generator, max_rt60: float, sample_rate: int = 16000) -> np.ndarray:
+    """Play ``wave`` in a random simulated room, at the same energy.
+
+    The room is the classic statistical model: a direct path, then after a few milliseconds a
+    tail of Gaussian noise decaying by 60 dB over the reverberation time, at a random
+    direct-to-reverberant ratio. espeak-ng speaks in no room at all; people record in rooms.
+    """
+    rt60 = float(rng.uniform(0.1, max(max_rt60, 0.1)))
+    delay = int(sample_rate * rng.uniform(0.001, 0.01))
+    n = int(sample_rate * min(rt60, 1.0))
+    tail = rng.standard_normal(n) * np.exp(-6.908 * np.arange(n) / (rt60 * sample_rate))
+    drr_db = rng.uniform(-3.0, 12.0)
+    tail *= np.sqrt(10 ** (-drr_db / 10) / max(float(np.sum(tail**2)), 1e-12))
+    response = np.zeros(delay + n)
+    response[0] = 1.0
+    response[delay:] += tail
+    return _at_energy_of(wave, fftconvolve(wave, response)[: len(wave)])
+
+
+def tilt(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random first-order tilt, from brighter (pre-emphasis) to duller, at the same energy."""
+    coef = float(rng.uniform(-0.6, 0.9))
+    return _at_energy_of(wave, lfilter([1.0, -coef], [1.0], wave))
+
+
+def _at_energy_of(original: np.ndarray, changed: np.ndarray) -> np.ndarray:
+    """``changed`` scaled to the energy of ``original``, as float32 (silence stays silence)."""
+    energy = float(np.sum(changed**2))
+    scale = np.sqrt(float(np.sum(original**2)) / energy) if energy > 0 else 0.0
+    return (changed * scale).astype(np.float32)
+
+
 def augment(
     waves: np.ndarray,
     noise: list[np.ndarray],
@@ -75,6 +112,10 @@ def augment(
         wave = out[i]
         if config.speed_range > 0:
             wave = change_speed(wave, float(rng.uniform(1 - config.speed_range, 1 + config.speed_range)), sample_rate)
+        if config.reverb_probability > 0 and rng.random() < config.reverb_probability:
+            wave = reverberate(wave, rng, config.reverb_seconds, sample_rate)
+        if config.eq_probability > 0 and rng.random() < config.eq_probability:
+            wave = tilt(wave, rng)
         if max_shift:
             wave = time_shift(wave, int(rng.integers(-max_shift, max_shift + 1)))
         if config.gain_db > 0:

@@ -3,7 +3,7 @@ import pytest
 import soundfile as sf
 
 from data_prep.audio import fix_length, load_audio
-from data_prep.augment import AugmentConfig, augment, change_speed, time_shift
+from data_prep.augment import AugmentConfig, augment, change_speed, reverberate, tilt, time_shift
 from data_prep.dataset import SpeechCommands, TaskConfig
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import FeatureCache, featurize
@@ -87,6 +87,27 @@ def test_augmentation_is_deterministic_and_changes_audio(shared_data):
     assert np.array_equal(time_shift(np.arange(5.0), 2), [0, 0, 0, 1, 2])
     assert np.array_equal(time_shift(np.arange(5.0), -2), [2, 3, 4, 0, 0])
     assert len(change_speed(waves[0], 1.1)) == len(change_speed(waves[0], 0.9)) == 16000
+
+
+def test_room_and_microphone_colouring(shared_data):
+    wave = fix_length(load_audio(sorted((shared_data / "off").iterdir())[0]), 16000)
+    rng = np.random.default_rng(3)
+    wet = reverberate(wave, rng, 0.6)
+    assert wet.shape == wave.shape and wet.dtype == np.float32
+    assert np.isclose(np.sum(wet**2), np.sum(wave**2), rtol=1e-3)  # same energy, other sound
+    assert not np.allclose(wet, wave, atol=1e-3)
+    # An impulse comes out first as itself (the direct path), then a decaying tail after it.
+    impulse = np.zeros(16000, np.float32)
+    impulse[1000] = 1.0
+    response = reverberate(impulse, np.random.default_rng(4), 0.6)
+    assert np.argmax(np.abs(response)) == 1000 and np.abs(response[:1000]).max() < 1e-6
+    tail = np.abs(response[1200:])
+    assert tail[:1000].mean() > 4 * tail[-1000:].mean()
+    coloured = tilt(wave, np.random.default_rng(5))
+    assert np.isclose(np.sum(coloured**2), np.sum(wave**2), rtol=1e-3) and not np.allclose(coloured, wave)
+    config = AugmentConfig(background_probability=0, reverb_probability=1.0, eq_probability=1.0, time_shift_ms=0)
+    np.testing.assert_array_equal(augment(wave[None], [], config, np.random.default_rng(9)),
+                                  augment(wave[None], [], config, np.random.default_rng(9)))
 
 
 def test_feature_cache_second_run_reads_cache(tmp_path, shared_data):
