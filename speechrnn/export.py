@@ -160,7 +160,7 @@ def validation_metrics(model, run_dir: Path, labels: list[str]) -> dict:
         if name == "unseen" and is_validation.all():
             continue
         report = metrics_from_predictions(truth[rows], predicted[rows], labels)
-        out[name] = {k: report[k] for k in ("accuracy", "accuracy_95ci", "examples", "per_class")}
+        out[name] = {k: report[k] for k in ("accuracy", "accuracy_95ci", "balanced_accuracy", "examples", "per_class")}
     return out
 
 

@@ -33,6 +33,8 @@ def describe_model(model_dir: str | None, as_json: bool = False) -> str:
             continue
         recalls = {k: v["recall"] for k, v in metrics.get("per_class", {}).items() if v.get("recall") is not None}
         worst = min(recalls, key=recalls.get) if recalls else None
+        balanced = metrics.get("balanced_accuracy")
         lines.append(f"{name:<12}accuracy {metrics['accuracy']:.4f} on {metrics.get('examples', '?')} clips"
+                     + (f" (class-balanced {balanced:.4f})" if balanced is not None else "")
                      + (f"; lowest recall {worst} {recalls[worst]:.3f}" if worst else ""))
     return "\n".join(lines)

@@ -153,6 +153,17 @@ def test_xla_signatures_agree_with_plain_ones(trained):
     np.testing.assert_allclose(rec.probabilities_from_mfcc(mfcc(waves), xla=True), rec.probabilities(waves), atol=1e-4)
 
 
+def test_metrics_balanced_accuracy_weighs_each_label_equally():
+    from speechrnn.evaluate import metrics_from_predictions
+
+    # 8 "yes" all right, 2 "off" both wrong: 80% of clips, but half the labels never recognised.
+    truth = np.array([0] * 8 + [1] * 2)
+    predicted = np.array([0] * 8 + [0] * 2)
+    m = metrics_from_predictions(truth, predicted, ["yes", "off", "up"])
+    assert m["accuracy"] == 0.8 and m["balanced_accuracy"] == 0.5  # "up" has no clips: not counted
+    assert m["per_class"]["off"]["recall"] == 0.0 and m["per_class"]["up"]["recall"] is None
+
+
 def test_evaluate_is_clearly_above_chance_on_unseen_speakers(trained, tmp_path):
     plot = tmp_path / "cm.png"
     result = run_cli("evaluate", str(trained["export"]), str(trained["data"]), "--split", "validation", "--json",
@@ -161,6 +172,8 @@ def test_evaluate_is_clearly_above_chance_on_unseen_speakers(trained, tmp_path):
     report = json.loads(result.stdout)
     # 6 classes, largest class about a quarter of the validation set: chance is at most ~0.25.
     assert report["accuracy"] > 0.45, report["accuracy"]
+    recalls = [m["recall"] for m in report["per_class"].values() if m["recall"] is not None]
+    assert report["balanced_accuracy"] == pytest.approx(np.mean(recalls))
     assert np.array(report["confusion_matrix"]).sum() == report["examples"]
     assert set(report["per_class"]) == {"_silence_", "_unknown_", "yes", "no", "up", "down"}
     assert plot.read_bytes()[:4] == b"\x89PNG"
@@ -242,6 +255,7 @@ def test_info_shows_metrics(trained):
     result = run_cli("info", str(trained["export"]))
     assert result.returncode == 0, result.stderr
     assert "2xbigru32-attention" in result.stdout and "validation  accuracy" in result.stdout
+    assert "class-balanced" in result.stdout
     assert json.loads(run_cli("info", str(trained["export"]), "--json").stdout)["size_bytes"] > 0
 
 
