@@ -8,7 +8,11 @@ written to a wav and run through the same path as `speechrnn listen --input` (de
 run_listener + file_chunk_source); detections are matched to the ground truth and the figures
 are printed as one JSON object (progress goes to stderr).
 
-    .venv/bin/python bench/streaming.py [--model DIR] [--minutes 6] [--sweep 100,150,200,250] [--memory]
+    .venv/bin/python bench/streaming.py [--model DIR] [--minutes 6] [--sweep 100,150,200,250]
+                                        [--thresholds 0.5,0.6,0.7,0.8,0.9] [--memory]
+
+--thresholds re-runs the stream at the first hop with each threshold (the trade-off between
+recall and false alarms); its rows are summaries only.
 
 Matching: a detection matches a command word when the labels agree and its time lies in
 [word_start, word_end + 1 s]; each word is matched at most once. Anything else is a false alarm.
@@ -350,12 +354,13 @@ def targets_met(figures: dict) -> dict:
 # ----------------------------------------------------------------------------- running
 
 
-def stream_config(hop_ms: float, args: argparse.Namespace):
+def stream_config(hop_ms: float, args: argparse.Namespace, threshold: float | None = None):
     import dataclasses
 
     from speechrnn.streaming import StreamConfig
 
-    changes = {k: v for k, v in dict(hop_ms=hop_ms, threshold=args.threshold, smoothing_ms=args.smoothing_ms,
+    threshold = args.threshold if threshold is None else threshold
+    changes = {k: v for k, v in dict(hop_ms=hop_ms, threshold=threshold, smoothing_ms=args.smoothing_ms,
                                      refractory_ms=args.refractory_ms).items() if v is not None}
     return dataclasses.replace(StreamConfig(), **changes)
 
@@ -530,6 +535,7 @@ def main() -> None:
     parser.add_argument("--sweep", default=None, help="comma-separated hops in ms, e.g. 100,150,200,250")
     parser.add_argument("--hop-ms", type=float, default=None, help="one hop (default: StreamConfig's)")
     parser.add_argument("--threshold", type=float, default=None)
+    parser.add_argument("--thresholds", default=None, help="comma-separated thresholds to sweep at the first hop")
     parser.add_argument("--smoothing-ms", type=float, default=None)
     parser.add_argument("--refractory-ms", type=float, default=None)
     parser.add_argument("--noise-db", default="-35,-20", help="noise RMS range, dB relative to the median speech peak")
@@ -577,6 +583,15 @@ def main() -> None:
             smoothing_hops = max(1, round(config.smoothing_ms / config.hop_ms))
             runs.append({"config": config.to_dict(), "smoothing_hops": smoothing_hops, "figures": figures, "targets_met": targets_met(figures),
                          "detections": detections})
+        threshold_rows = []
+        for threshold in [float(t) for t in args.thresholds.split(",")] if args.thresholds else []:
+            config = stream_config(hops[0], args, threshold)
+            detections, timing = run_in_process(recognizer, wav, config)
+            figures = match(stream, detections)
+            info(f"threshold {threshold:g}: recall {figures['recall']}, false alarms/h {figures['false_alarms_per_hour']}")
+            threshold_rows.append({"threshold": threshold, **{k: figures[k] for k in (
+                "recall", "precision", "false_alarms_per_hour", "latency_median_ms", "counts",
+                "false_alarms_by_cause", "misses_by_cause")}})
         default_run = runs[0]
         offline_check(recognizer, stream, default_run["figures"]["misses"])
         cli = None
@@ -612,6 +627,7 @@ def main() -> None:
         },
         "targets": TARGETS,
         "runs": runs,
+        "threshold_sweep": threshold_rows or None,
         "best_hop_ms": best_hop(runs),
         "best_hop_rule": "most targets met, then F1, then least CPU",
         "cli_matches_in_process": cli,
