@@ -30,11 +30,16 @@ from data_prep.dataset import BACKGROUND_DIR, SpeechCommands
 SR = 16000
 # Distinct commands, in the order they are played; the ones a keyword spotter gets right most often.
 WORDS = ("left", "yes", "stop", "down", "right")
-CANDIDATES_PER_WORD = 4
-# A chosen clip is detected on its own, at two hop alignments, even with this threshold: its
+CANDIDATES_PER_WORD = 6
+# A microphone delivers a clip at any offset from the 200 ms scoring hops; calibration tries these.
+ALIGNMENTS = (0.0, 0.05, 0.10, 0.15)
+# A chosen clip is detected on its own, at every alignment, even with this threshold: its
 # smoothed score peaks well above the default 0.7 that the tests then use. (The score a detection
 # reports is the first one to reach the threshold, not the peak, so it cannot tell the margin.)
 CALIBRATION_THRESHOLD = 0.85
+# ... and no other command comes near: with this threshold and no refractory period, nothing but
+# its own word is reported around it (the tail of "stop" can sound like "up").
+RIVAL_THRESHOLD = 0.45
 LEAD_IN, GAP, TAIL = 1.0, 1.5, 1.5  # seconds of (low noise) before, between and after the words
 NOISE_RMS = 0.003  # about -50 dBFS of pink noise (its validation part) under everything
 STARTUP_TIMEOUT = 180.0  # TensorFlow import + XLA compile, on a machine that is busy training
@@ -208,48 +213,57 @@ def workdir(tmp_path_factory) -> Path:
 class Calibration:
     candidates: dict[str, list[Path]]
     trial: Sequence
-    run: CliRun
+    sure: CliRun  # at CALIBRATION_THRESHOLD
+    rivals: CliRun  # at RIVAL_THRESHOLD, no refractory period
 
 
 @pytest.fixture(scope="module")
 def calibration(model_dir, shared_data, workdir) -> Calibration:
-    """Start choosing the clips: the first validation-split clips of each word, each twice (at
-    hop alignments 50 ms apart) in quiet noise, through `listen --input` (the code path under
-    test) with a threshold above the default."""
+    """Start choosing the clips: the first validation-split clips of each word, each at every
+    hop alignment in quiet noise, through `listen --input` (the code path under test), once with
+    a threshold above the default and once with a low one and no refractory period."""
     dataset = SpeechCommands.open(shared_data)
     candidates = {w: [c.path for c in dataset.clips if c.word == w and c.split == "validation"][:CANDIDATES_PER_WORD]
                   for w in WORDS}
-    items = [(w, path, shift) for w in WORDS for path in candidates[w] for shift in (0.0, 0.05)]
+    items = [(w, path, shift) for w in WORDS for path in candidates[w] for shift in ALIGNMENTS]
     trial = compose(shared_data, workdir / "candidates.wav", items)
-    run = CliRun(workdir, "calibrate", "listen", str(model_dir), "--input", str(trial.wav), "--json",
-                 "--threshold", str(CALIBRATION_THRESHOLD))
-    yield Calibration(candidates, trial, run)
-    run.kill()
+    common = ("listen", str(model_dir), "--input", str(trial.wav), "--json")
+    sure = CliRun(workdir, "calibrate", *common, "--threshold", str(CALIBRATION_THRESHOLD))
+    rivals = CliRun(workdir, "calibrate-rivals", *common, "--threshold", str(RIVAL_THRESHOLD), "--refractory-ms", "0")
+    yield Calibration(candidates, trial, sure, rivals)
+    sure.kill()
+    rivals.kill()
 
 
 @pytest.fixture(scope="module")
 def sequence(calibration, model_dir, shared_data, workdir) -> Sequence:
-    """The words to play: for each of WORDS, the clip detected most surely on its own (no other
-    detection near it, the right word at both alignments even at CALIBRATION_THRESHOLD), laid out
-    one word every 2.5 s."""
-    run = calibration.run.finish()
-    assert run.returncode == 0, run.describe()
+    """The words to play: for each of WORDS, the clip detected most surely on its own (the right
+    word once at every alignment even at CALIBRATION_THRESHOLD, and no other command near it even
+    at RIVAL_THRESHOLD), laid out one word every 2.5 s."""
     trial = calibration.trial
-    found = match(trial.placements, run.detections())
+    found = {}
+    for run in (calibration.sure, calibration.rivals):
+        run.finish()
+        assert run.returncode == 0, run.describe()
+        found[run.name] = match(trial.placements, run.detections())
     chosen = []
     for word in WORDS:
         best = None
         for path in calibration.candidates[word]:
-            hits = [(p, h) for p, h in zip(trial.placements, found, strict=True) if p.path == path]
-            if all(len(h) == 1 and h[0]["label"] == word for _, h in hits):
-                score = min(h[0]["score"] for _, h in hits)
-                delay = statistics.mean(h[0]["time"] - p.start for p, h in hits)
+            at = [i for i, p in enumerate(trial.placements) if p.path == path]
+            sure = [found["calibrate"][i] for i in at]
+            rivals = [found["calibrate-rivals"][i] for i in at]
+            if (all(len(h) == 1 and h[0]["label"] == word for h in sure)
+                    and all(d["label"] == word for h in rivals for d in h)):
+                score = min(h[0]["score"] for h in sure)
+                delay = statistics.mean(h[0]["time"] - trial.placements[i].start for i, h in zip(at, sure, strict=True))
                 if best is None or score > best[0]:
                     best = (score, path, delay)
         if best is None:
             pytest.fail(f"none of the first {CANDIDATES_PER_WORD} validation clips of {word!r} is detected on "
-                        f"its own at threshold {CALIBRATION_THRESHOLD}: is {model_dir} a trained 12-class model?\n"
-                        f"{run.stdout}", pytrace=False)
+                        f"its own at threshold {CALIBRATION_THRESHOLD} without a rival at {RIVAL_THRESHOLD}: "
+                        f"is {model_dir} a trained 12-class model?\n{calibration.sure.stdout}\n"
+                        f"{calibration.rivals.stdout}", pytrace=False)
         chosen.append(best)
     played = compose(shared_data, workdir / "words.wav", [(w, c[1], 0.0) for w, c in zip(WORDS, chosen, strict=True)])
     for placement, (_, _, delay) in zip(played.placements, chosen, strict=True):
