@@ -49,10 +49,11 @@ def metrics_from_predictions(truth: np.ndarray, predicted: np.ndarray, labels: l
     total = int(cm.sum())
     correct = int(np.trace(cm))
     # Mean recall over the labels present: the accuracy a split with equal class sizes would give
-    # (the canonical test split is nearly balanced; ours has 11 "off" clips among 1,146).
+    # (the canonical test split is nearly balanced; ours has about a dozen "off" clips among >1,000).
     recalls = [m["recall"] for m in per_class.values() if m["recall"] is not None]
     return {"accuracy": correct / total if total else None, "accuracy_95ci": list(wilson_interval(correct, total)),
-            "balanced_accuracy": float(np.mean(recalls)) if recalls else None, "examples": total, "labels": labels, "per_class": per_class, "confusion_matrix": cm.tolist()}
+            "balanced_accuracy": float(np.mean(recalls)) if recalls else None, "examples": total,
+            "labels": labels, "per_class": per_class, "confusion_matrix": cm.tolist()}
 
 
 def evaluation_examples(data: str | os.PathLike, labels: list[str], task: TaskConfig, split: str):
@@ -122,7 +123,7 @@ def plot_confusion(report: dict, path: str | os.PathLike) -> None:
 def format_report(report: dict) -> str:
     lines = [f"accuracy {report['accuracy']:.4f} on {report['examples']} clips "
              f"(95% CI {report['accuracy_95ci'][0]:.3f}-{report['accuracy_95ci'][1]:.3f})"
-             + (f"; class-balanced {report['balanced_accuracy']:.4f}" if report.get("balanced_accuracy") else ""),
+             + (f"; class-balanced {report['balanced_accuracy']:.4f}" if report.get("balanced_accuracy") is not None else ""),
              f"{'label':<12}{'support':>8}{'precision':>11}{'recall':>8}   recall 95% CI"]
     for label, m in report["per_class"].items():
         if not m["support"] and m["precision"] is None:
