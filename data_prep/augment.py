@@ -19,7 +19,12 @@ from data_prep.audio import fix_length, resample
 @dataclass(frozen=True)
 class AugmentConfig:
     background_probability: float = 0.8  # share of clips that get background noise mixed in
-    background_volume: float = 0.1  # the largest noise gain (uniform 0..this)
+    background_volume: float = 0.1  # the largest noise gain (uniform 0..this), on the recording as it is
+    # When set, (lo, hi) in dBFS replaces background_volume: each recording is first brought to unit
+    # RMS, then mixed at an RMS level drawn uniformly in dB between lo and hi. The recordings differ
+    # by 40 dB in their own level (dude_miaowing 0.004 RMS, white_noise 0.33), so a gain on the raw
+    # file leaves the quiet ones (cat, bike, dishes) far below the levels a room gives them.
+    background_dbfs: tuple[float, float] | None = None
     time_shift_ms: float = 100.0  # shift each clip by up to +-this, zero-filled
     speed_range: float = 0.0  # e.g. 0.1: play 0.9x..1.1x (changes tempo and pitch together)
     gain_db: float = 0.0  # e.g. 6: random level change of up to +-6 dB
@@ -29,6 +34,13 @@ class AugmentConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def __post_init__(self) -> None:
+        if self.background_dbfs is not None:
+            lo, hi = (float(x) for x in self.background_dbfs)
+            if lo > hi or hi > 0:
+                raise ValueError(f"background_dbfs must be [low, high] with low <= high <= 0 dBFS, not {self.background_dbfs}")
+            object.__setattr__(self, "background_dbfs", (lo, hi))
 
     @classmethod
     def from_dict(cls, data: dict) -> AugmentConfig:
@@ -108,6 +120,10 @@ def augment(
     out = np.array(waves, dtype=np.float32, copy=True)
     n, length = out.shape
     max_shift = int(sample_rate * config.time_shift_ms / 1000)
+    mixing = bool(noise) and (
+        config.background_dbfs is not None or config.background_volume > 0)
+    noise_rms = [max(1e-9, float(np.sqrt(np.mean(np.square(s, dtype=np.float64))))) for s in noise] \
+        if mixing and config.background_dbfs is not None else []
     for i in range(n):
         wave = out[i]
         if config.speed_range > 0:
@@ -120,11 +136,14 @@ def augment(
             wave = time_shift(wave, int(rng.integers(-max_shift, max_shift + 1)))
         if config.gain_db > 0:
             wave = wave * np.float32(10 ** (rng.uniform(-config.gain_db, config.gain_db) / 20))
-        if noise and config.background_volume > 0 and rng.random() < config.background_probability:
-            source = noise[rng.integers(len(noise))]
+        if mixing and rng.random() < config.background_probability:
+            k = int(rng.integers(len(noise)))
+            source = noise[k]
             start = int(rng.integers(0, max(1, len(source) - length)))
-            wave = wave + fix_length(source[start : start + length], length) * np.float32(
-                rng.uniform(0, config.background_volume)
-            )
+            if config.background_dbfs is not None:
+                gain = 10 ** (rng.uniform(*config.background_dbfs) / 20) / noise_rms[k]
+            else:
+                gain = rng.uniform(0, config.background_volume)
+            wave = wave + fix_length(source[start : start + length], length) * np.float32(gain)
         out[i] = np.clip(wave, -1.0, 1.0)
     return out

@@ -89,6 +89,33 @@ def test_augmentation_is_deterministic_and_changes_audio(shared_data):
     assert len(change_speed(waves[0], 1.1)) == len(change_speed(waves[0], 0.9)) == 16000
 
 
+def test_noise_mixed_at_a_level_in_dbfs_whatever_the_recording_level(shared_data):
+    """background_dbfs: the cat recording (0.004 RMS) and white noise (0.33 RMS) come out at the same
+    drawn levels; the raw-gain rule (background_volume) leaves the cat 40 dB below the white noise."""
+    folder = shared_data / "_background_noise_"
+    quiet = load_audio(folder / "dude_miaowing.flac")[:64000]
+    loud = load_audio(folder / "white_noise.flac")[:64000]
+    silent = np.zeros((200, 16000), np.float32)
+
+    def levels(noise, config):
+        mixed = augment(silent, noise, config, np.random.default_rng(11))
+        return 20 * np.log10(np.sqrt(np.mean(mixed.astype(np.float64) ** 2, axis=1)) + 1e-12)
+
+    by_level = AugmentConfig(background_probability=1.0, background_dbfs=(-50.0, -30.0), time_shift_ms=0)
+    steady = levels([loud], by_level)  # white noise: every 1 s cut has the recording's RMS
+    assert -51 < steady.min() < -48 and -32 < steady.max() < -29 and abs(np.median(steady) + 40) < 2
+    # The cat comes and goes, so its 1 s cuts scatter around the drawn level (the same draws as the
+    # white noise's: one recording, one seed); in power, on average, they are at it.
+    relative = levels([quiet], by_level) - steady
+    assert abs(10 * np.log10(np.mean(10 ** (relative / 10)))) < 3
+    raw = AugmentConfig(background_probability=1.0, background_volume=0.15, time_shift_ms=0)
+    assert np.median(levels([loud], raw)) - np.median(levels([quiet], raw)) > 30
+    assert AugmentConfig.from_dict(by_level.to_dict()) == by_level
+    assert AugmentConfig.from_dict({**by_level.to_dict(), "background_dbfs": [-50, -30]}) == by_level
+    with pytest.raises(ValueError, match="background_dbfs"):
+        AugmentConfig(background_dbfs=(-20.0, -40.0))
+
+
 def test_room_and_microphone_colouring(shared_data):
     wave = fix_length(load_audio(sorted((shared_data / "off").iterdir())[0]), 16000)
     rng = np.random.default_rng(3)
