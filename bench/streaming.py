@@ -14,6 +14,11 @@ are printed as one JSON object (progress goes to stderr).
 --thresholds re-runs the stream at the first hop with each threshold (the trade-off between
 recall and false alarms); its rows are summaries only.
 
+--seeds 0,1,2 instead scores several independent streams with one setting and pools them (one
+6-minute stream holds ~90 commands, so one or two words move its recall by a point):
+
+    .venv/bin/python bench/streaming.py --seeds 0,1,2 [--threshold 0.7] [--hop-ms 200]
+
 Matching: a detection matches a command word when the labels agree and its time lies in
 [word_start, word_end + 1 s]; each word is matched at most once. Anything else is a false alarm.
 """
@@ -333,6 +338,7 @@ def match(stream: Stream, detections: list[dict]) -> dict:
         "false_alarms_by_cause": dict(false_alarms),
         "misses": misses,
         "false_alarm_list": fa_list,
+        "latencies_ms": [round(float(x), 1) for x in latencies],  # for pooling; not printed
     }
 
 
@@ -526,12 +532,74 @@ def best_hop(runs: list[dict]) -> float | None:
     return max(runs, key=key)["config"]["hop_ms"]
 
 
+def pooled_seeds(args: argparse.Namespace, recognizer, task, noise_db: tuple[float, float]) -> dict:
+    """One setting over several streams: per-stream figures and the pooled counts."""
+    from speechrnn.streaming import StreamConfig
+
+    config = stream_config(args.hop_ms or StreamConfig().hop_ms, args)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed, words, matched, false_alarms, seconds, cpu = [], 0, 0, 0, 0.0, 0.0
+    latencies: list[float] = []
+    labels: dict[str, list[int]] = {}
+    causes: Counter = Counter()
+    misses: Counter = Counter()
+    for seed in seeds:
+        info(f"seed {seed}: building a {args.minutes:g}-minute stream ...")
+        stream = build_stream(Path(args.data), task, args.minutes, seed, noise_db=noise_db)
+        with tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp:
+            wav = Path(tmp) / "stream.wav"
+            write_pcm16(wav, stream.samples)
+            detections, timing = run_in_process(recognizer, wav, config)
+        f = match(stream, detections)
+        c = f["counts"]
+        words += c["command_words"]
+        matched += c["matched"]
+        false_alarms += c["false_alarms"]
+        seconds += stream.seconds
+        cpu += timing["cpu_seconds"]
+        causes.update(f["false_alarms_by_cause"])
+        misses.update(f["misses_by_cause"])
+        latencies += f["latencies_ms"]
+        for label, text in f["per_label_counts"].items():
+            a, b = (int(x) for x in text.split("/"))
+            row = labels.setdefault(label, [0, 0])
+            row[0] += a
+            row[1] += b
+        info(f"seed {seed}: recall {f['recall']}, false alarms {c['false_alarms']}")
+        keep = ("recall", "precision", "false_alarms_per_hour", "latency_median_ms", "counts",
+                "per_label_counts", "false_alarms_by_cause", "misses_by_cause")
+        per_seed.append({"seed": seed, **{k: f[k] for k in keep},
+                         **({"misses": f["misses"], "false_alarm_list": f["false_alarm_list"]} if args.details else {})})
+    return {
+        "model": str(args.model),
+        "config": config.to_dict(),
+        "noise_db_re_median_speech_peak": list(noise_db),
+        "seeds": seeds,
+        "pooled": {
+            "minutes": round(seconds / 60, 1),
+            "command_words": words,
+            "matched": matched,
+            "recall": round(matched / words, 4) if words else None,
+            "false_alarms": false_alarms,
+            "false_alarms_per_hour": round(false_alarms / (seconds / 3600), 1),
+            "latency_median_ms": round(float(np.median(latencies)), 0) if latencies else None,
+            "cpu_percent_one_core": round(100 * cpu / seconds, 2),
+            "per_label_counts": {k: f"{a}/{b}" for k, (a, b) in sorted(labels.items())},
+            "false_alarms_by_cause": dict(causes),
+            "misses_by_cause": dict(misses),
+        },
+        "targets": TARGETS,
+        "per_seed": per_seed,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--minutes", type=float, default=6.0, help="length of the generated stream")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds: one setting over several streams, pooled")
     parser.add_argument("--sweep", default=None, help="comma-separated hops in ms, e.g. 100,150,200,250")
     parser.add_argument("--hop-ms", type=float, default=None, help="one hop (default: StreamConfig's)")
     parser.add_argument("--threshold", type=float, default=None)
@@ -557,6 +625,9 @@ def main() -> None:
     warm = time.process_time() - warm
     task = TaskConfig.from_dict(recognizer.meta["task"])
     noise_db = tuple(sorted(float(x) for x in args.noise_db.split(",")))
+    if args.seeds:
+        print(json.dumps(pooled_seeds(args, recognizer, task, noise_db), indent=2))
+        return
     info(f"building a {args.minutes:g}-minute stream (seed {args.seed}) ...")
     stream = build_stream(Path(args.data), task, args.minutes, args.seed, noise_db=noise_db)
     kinds = Counter(e.kind for e in stream.events)
@@ -576,6 +647,7 @@ def main() -> None:
             info(f"streaming {stream.seconds:.0f} s with hop {hop:g} ms ...")
             detections, timing = run_in_process(recognizer, wav, config)
             figures = match(stream, detections)
+            figures.pop("latencies_ms")
             figures.update(timing)
             info(f"hop {hop:g} ms: recall {figures['recall']}, false alarms/h {figures['false_alarms_per_hour']}, "
                  f"CPU {timing['cpu_percent_one_core']}% of a core, {timing['faster_than_realtime']}x real time")
