@@ -22,7 +22,7 @@ class AugmentConfig:
     background_volume: float = 0.1  # the largest noise gain (uniform 0..this), on the recording as it is
     # When set, (lo, hi) in dBFS replaces background_volume: each recording is first brought to unit
     # RMS, then mixed at an RMS level drawn uniformly in dB between lo and hi. The recordings differ
-    # by 40 dB in their own level (dude_miaowing 0.004 RMS, white_noise 0.33), so a gain on the raw
+    # by 38 dB in their own level (dude_miaowing 0.004 RMS, white_noise 0.33), so a gain on the raw
     # file leaves the quiet ones (cat, bike, dishes) far below the levels a room gives them.
     background_dbfs: tuple[float, float] | None = None
     time_shift_ms: float = 100.0  # shift each clip by up to +-this, zero-filled
