@@ -334,9 +334,6 @@ def listen(model, device, input_file, realtime, duration, threshold, hop_ms, smo
     labels = ", ".join(d.label for d in stats.detections) or "none"
     click.echo(f"listened {stats.seconds:.1f}s: {len(stats.detections)} detections ({labels})"
                + (f"; {stats.overflows} input overflows" if stats.overflows else ""), err=True)
-    # Not the interpreter's teardown: sounddevice's exit handler terminates PortAudio, which waits
-    # for a stream that did not close (see microphone.close_stream).
-    _fast_exit(0)
 
 
 @main.command()

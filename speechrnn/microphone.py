@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import queue
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,27 +19,6 @@ from speechrnn.streaming import Detection, StreamConfig, StreamingDetector
 
 log = logging.getLogger(__name__)
 STALL_SECONDS = 3.0  # no audio for this long: the device has gone
-CLOSE_SECONDS = 2.0  # closing the input stream may take this long before we stop waiting for it
-
-
-def close_stream(stream, name: str, timeout: float = CLOSE_SECONDS) -> bool:
-    """Abort and close a PortAudio stream without ever hanging the listener: PortAudio's abort on
-    ALSA's pulse plugin has been seen to block (a Ctrl-C'd `listen` that never ended), so it runs
-    in a daemon thread and we wait at most ``timeout``. True when it closed in time."""
-    def close() -> None:
-        try:
-            stream.abort()
-            stream.close()
-        except Exception:  # noqa: BLE001 - closing a device that has vanished may fail too
-            pass
-
-    closer = threading.Thread(target=close, name="close-input", daemon=True)
-    closer.start()
-    closer.join(timeout)
-    if closer.is_alive():
-        log.warning("input device %r did not close within %.0f s; leaving it", name, timeout)
-        return False
-    return True
 
 
 def import_sounddevice():
@@ -149,7 +127,11 @@ def microphone_chunks(device: str | None, block_ms: float = 50.0, stats: ListenS
                 reported_overflows = stats.overflows
             yield resampler.resample_chunk(block) if resampler else block
     finally:
-        close_stream(stream, info["name"])
+        try:
+            stream.abort()
+            stream.close()
+        except Exception:  # noqa: BLE001 - closing a device that has vanished may fail too
+            pass
 
 
 def file_chunk_source(path, chunk_ms: float = 50.0, realtime: bool = False,
