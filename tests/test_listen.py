@@ -70,6 +70,16 @@ def virtual_mic():
         yield mic
 
 
+def child_setup(background: bool) -> None:
+    """In the listener's process before it starts: Ctrl-C (SIGINT) back to its default. A shell
+    that starts a job in the background without job control (`cmd &` in a script) ignores SIGINT
+    for it, and Python then never raises KeyboardInterrupt, so the Ctrl-C test would wait forever
+    when the test run itself was started that way."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if background:
+        os.nice(BACKGROUND_NICE)
+
+
 class CliRun:
     """One `speechrnn` command in a subprocess, started now and collected later; its output goes
     to files, so nothing blocks on a full pipe while it runs for a long time."""
@@ -83,7 +93,7 @@ class CliRun:
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen([sys.executable, "-c", CLI, *args], stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=err, env={**os.environ, **(env or {})},
-                                         preexec_fn=(lambda: os.nice(BACKGROUND_NICE)) if background else None)
+                                         preexec_fn=lambda: child_setup(background))
         self.started = time.monotonic()
         self.ended: float | None = None
         self.duration: float | None = None  # its --duration, where it has one
