@@ -6,10 +6,10 @@ and fewest false alarms of 100/150/200/250 ms at equal recall, at 1.2% of one co
      outside them, so the 1 s window's features are kept, not recomputed every hop),
   2. scores the last second of frames with the model,
   3. averages the posteriors of the last few hops (smoothing),
-  4. reports the best command whose smoothed score reaches the threshold, unless a detection
-     was made within the refractory period, or this command was reported before and its
-     smoothed score has not yet fallen below half the threshold (one word stays in the 1 s
-     window for up to a second; it must not fire twice). _silence_ and _unknown_ are never
+  4. reports the best command whose smoothed score reaches the threshold (its own, where one is
+     set per label), unless a detection was made within the refractory period, or this command
+     was reported before and its smoothed score has not yet fallen below half its threshold (one
+     word stays in the 1 s window for up to a second; it must not fire twice). _silence_ and _unknown_ are never
      reported.
 The microphone (speechrnn.microphone) and files (`listen --input`) are only sources of chunks.
 """
@@ -32,12 +32,18 @@ class StreamConfig:
     smoothing_ms: float = 400.0  # posteriors averaged over this span of hops (two at the default hop)
     threshold: float = 0.7  # smoothed score a command must reach
     refractory_ms: float = 1000.0  # after a detection, none for this long
+    # Thresholds of single commands, in place of `threshold` for them, e.g. {"up": 0.85}: a label that
+    # the scarce words are mistaken for can be made to need more evidence. None: the model's own
+    # (an export may carry them, see detector_for); a dict is laid over the model's.
+    label_thresholds: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.hop_ms <= 0 or self.smoothing_ms < 0 or self.refractory_ms < 0:
             raise ValueError("hop must be positive; smoothing and refractory not negative")
-        if not 0 < self.threshold <= 1:
-            raise ValueError("threshold must be in (0, 1]")
+        for name, value in [("threshold", self.threshold), *(self.label_thresholds or {}).items()]:
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} threshold must be in (0, 1], not {value}" if name != "threshold"
+                                 else "threshold must be in (0, 1]")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +73,12 @@ class StreamingDetector:
         frames_per_hop = max(1, round(config.hop_ms / features.hop_ms))
         self._frames_per_hop = frames_per_hop
         self._reportable = np.array([label not in (SILENCE, UNKNOWN) for label in self.labels])
+        per_label = dict(config.label_thresholds or {})
+        unknown = sorted(set(per_label) - {label for label, ok in zip(self.labels, self._reportable, strict=True) if ok})
+        if unknown:
+            commands = ", ".join(label for label, ok in zip(self.labels, self._reportable, strict=True) if ok)
+            raise ValueError(f"threshold for {', '.join(unknown)}: not a command this model reports ({commands})")
+        self._thresholds = np.array([per_label.get(label, config.threshold) for label in self.labels])
         self._window = np.zeros(features.shape, np.float32)  # the last second of MFCC frames, oldest first
         self._frames_seen = 0  # MFCC frames computed since the stream began
         self._frames_at_last_score = 0
@@ -118,14 +130,14 @@ class StreamingDetector:
         self.hops_scored += 1
         self._history.append(probs)
         smoothed = np.mean(self._history, axis=0)
-        release = self.config.threshold / 2
-        self._disarmed = {i for i in self._disarmed if smoothed[i] >= release}
+        release = self._thresholds / 2
+        self._disarmed = {i for i in self._disarmed if smoothed[i] >= release[i]}
         armed = self._reportable.copy()
         armed[list(self._disarmed)] = False
-        candidates = np.where(armed, smoothed, -1.0)
+        candidates = np.where(armed & (smoothed >= self._thresholds), smoothed, -1.0)
         best = int(np.argmax(candidates))
         now = self.stream_time
-        if candidates[best] < self.config.threshold:
+        if candidates[best] < 0:
             return None
         if (now - self._last_detection) * 1000 < self.config.refractory_ms:
             return None

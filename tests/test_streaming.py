@@ -112,6 +112,30 @@ def test_threshold():
     assert summary(detect(below, 15, threshold=0.6)[0]) == [(hop_time(7), "yes")]
 
 
+def test_a_command_can_have_its_own_threshold():
+    up = during(range(5, 10), probs(up=0.8))
+    assert summary(detect(up, 15)[0]) == [(hop_time(7), "up")]
+    assert detect(up, 15, label_thresholds={"up": 0.85})[0] == []  # "up" now needs more
+    yes = during(range(5, 10), probs(yes=0.8))
+    assert summary(detect(yes, 15, label_thresholds={"up": 0.85})[0]) == [(hop_time(7), "yes")]  # others do not
+    # Lower than the overall one works too: 0.2, 0.4, 0.6 over three hops reaches 0.5 at the third.
+    assert summary(detect(during(range(5, 10), probs(down=0.6)), 15, label_thresholds={"down": 0.5})[0]) == [
+        (hop_time(7), "down")]
+    # A command under its own threshold does not hide one above its: up 0.8 (needs 0.9), no 0.72 (needs 0.7).
+    both = during(range(5, 10), probs(up=0.8, no=0.2))
+    both.update(during(range(7, 10), probs(up=0.78, no=0.72)))
+    found, _ = detect(both, 15, smoothing_ms=0, label_thresholds={"up": 0.9})
+    assert summary(found) == [(hop_time(7), "no")]
+
+
+def test_thresholds_for_labels_the_model_does_not_report_are_refused():
+    for bad in ({"sideways": 0.8}, {SILENCE: 0.5}, {UNKNOWN: 0.5}):
+        with pytest.raises(ValueError, match="not a command this model reports"):
+            StreamingDetector(ScriptedScores(), LABELS, FEATURES, StreamConfig(label_thresholds=bad))
+    with pytest.raises(ValueError, match=r"up threshold must be in \(0, 1\]"):
+        StreamConfig(label_thresholds={"up": 1.5})
+
+
 def test_the_best_command_wins():
     found, _ = detect(during(range(5, 9), probs(yes=0.1, up=0.85)), 12)
     assert summary(found) == [(hop_time(7), "up")]
