@@ -381,7 +381,8 @@ def run_in_process(recognizer, wav: Path, config) -> tuple[list[dict], dict]:
     wall = time.perf_counter() - wall
     timing = {"cpu_seconds": round(stats.cpu_seconds, 2), "wall_seconds": round(wall, 2),
               "cpu_percent_one_core": round(100 * stats.cpu_seconds / stats.seconds, 2),
-              "faster_than_realtime": round(stats.seconds / wall, 1), "hops_scored": detector.hops_scored}
+              "faster_than_realtime": round(stats.seconds / wall, 1), "hops_scored": detector.hops_scored,
+              "label_thresholds": detector.config.label_thresholds}  # the model's own, or those given
     return [d.to_json() for d in stats.detections], timing
 
 
@@ -572,7 +573,7 @@ def pooled_seeds(args: argparse.Namespace, recognizer, task, noise_db: tuple[flo
                          **({"misses": f["misses"], "false_alarm_list": f["false_alarm_list"]} if args.details else {})})
     return {
         "model": str(args.model),
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), "label_thresholds": timing["label_thresholds"]},
         "noise_db_re_median_speech_peak": list(noise_db),
         "seeds": seeds,
         "pooled": {
@@ -653,7 +654,8 @@ def main() -> None:
                  f"CPU {timing['cpu_percent_one_core']}% of a core, {timing['faster_than_realtime']}x real time")
             # The detector averages round(smoothing / hop) hops, so the sweep changes the smoothing span too.
             smoothing_hops = max(1, round(config.smoothing_ms / config.hop_ms))
-            runs.append({"config": config.to_dict(), "smoothing_hops": smoothing_hops, "figures": figures, "targets_met": targets_met(figures),
+            runs.append({"config": {**config.to_dict(), "label_thresholds": figures.pop("label_thresholds")},
+                         "smoothing_hops": smoothing_hops, "figures": figures, "targets_met": targets_met(figures),
                          "detections": detections})
         threshold_rows = []
         for threshold in [float(t) for t in args.thresholds.split(",")] if args.thresholds else []:

@@ -175,17 +175,43 @@ def train(data, train_only, out, config_file, resume, words, export_dir, no_augm
         click.echo(f"exported: {export_run(out, export_dir)}", err=True)
 
 
+def _parse_thresholds(ctx, param, values: tuple[str, ...]) -> tuple[float | None, dict[str, float]]:
+    """--threshold 0.7 (every command) and/or --threshold up=0.85 (one command), repeatable."""
+    overall, per_label = None, {}
+    for value in values:
+        label, is_label, number = value.rpartition("=")
+        try:
+            threshold = float(number)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: give a number, or LABEL=NUMBER for one command") from None
+        if not 0 < threshold <= 1 or (is_label and not label):
+            raise click.BadParameter(f"{value!r}: a threshold is in (0, 1], given as NUMBER or LABEL=NUMBER")
+        if is_label:
+            per_label[label] = threshold
+        else:
+            overall = threshold
+    return overall, per_label
+
+
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR...", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--threshold", "thresholds", multiple=True, callback=_parse_thresholds, metavar="LABEL=T",
+              help="A command's own threshold for `listen`, kept in the export (repeatable).")
 @_report_errors
-def export(run_dir: str, out: str, checkpoint: str) -> None:
-    """Export RUN_DIR's best checkpoint as a SavedModel in OUT (atomically)."""
-    from speechrnn.export import export_run
+def export(run_dirs: tuple[str, ...], out: str, checkpoint: str, thresholds) -> None:
+    """Export RUN_DIR's best checkpoint as a SavedModel in OUT (atomically).
 
-    path = export_run(run_dir, out, checkpoint)
-    click.echo(f"exported {run_dir} ({checkpoint} checkpoint) to {path}")
+    Several run folders (same task and data) make one model that averages their probabilities.
+    """
+    from speechrnn.export import export_runs
+
+    if thresholds[0] is not None:
+        raise click.BadParameter("give LABEL=T: the overall threshold is listen's", param_hint="--threshold")
+    path = export_runs(list(run_dirs), out, checkpoint, label_thresholds=thresholds[1])
+    what = run_dirs[0] if len(run_dirs) == 1 else f"the mean of {', '.join(run_dirs)}"
+    click.echo(f"exported {what} ({checkpoint} checkpoint) to {path}")
 
 
 @main.command()
@@ -272,13 +298,14 @@ def info(model: str | None, as_json: bool) -> None:
               help="Stream this audio file instead of the microphone (same code path).")
 @click.option("--realtime", is_flag=True, help="With --input: stream at real-time speed, not as fast as possible.")
 @click.option("--duration", type=click.FloatRange(0, min_open=True), default=None, help="Stop after this many seconds.")
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=None, help="Smoothed score to report [0.7].")
+@click.option("--threshold", "thresholds", multiple=True, callback=_parse_thresholds, metavar="T|LABEL=T",
+              help="Smoothed score to report [0.7]; LABEL=T sets one command's (repeatable; the model may carry some).")
 @click.option("--hop-ms", type=click.FloatRange(10), default=None, help="Score the last second this often [200].")
 @click.option("--smoothing-ms", type=click.FloatRange(0), default=None, help="Average posteriors over this span [400].")
 @click.option("--refractory-ms", type=click.FloatRange(0), default=None, help="Quiet time after a detection [1000].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per detection: {time, label, score}.")
 @_report_errors
-def listen(model, device, input_file, realtime, duration, threshold, hop_ms, smoothing_ms, refractory_ms, as_json):
+def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, smoothing_ms, refractory_ms, as_json):
     """Recognise commands live from the microphone (or --input FILE) with MODEL [models/default].
 
     Prints one line per detection; Ctrl-C stops with a short summary (exit 0).
@@ -298,8 +325,10 @@ def listen(model, device, input_file, realtime, duration, threshold, hop_ms, smo
     from speechrnn.recognizer import Recognizer, default_model_dir, read_metadata
     from speechrnn.streaming import StreamConfig
 
+    threshold, label_thresholds = thresholds
     changes = {k: v for k, v in dict(threshold=threshold, hop_ms=hop_ms, smoothing_ms=smoothing_ms,
-                                     refractory_ms=refractory_ms).items() if v is not None}
+                                     refractory_ms=refractory_ms, label_thresholds=label_thresholds or None).items()
+               if v is not None}
     config = dataclasses.replace(StreamConfig(), **changes)
     # Cheap checks first: a wrong model, device or file should not wait for TensorFlow to load.
     read_metadata(model or default_model_dir())

@@ -179,16 +179,69 @@ def training_summary(run_dir: Path) -> dict:
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str = "best") -> Path:
     """Export a run folder's best (default) or last checkpoint."""
+    return export_runs([run_dir], out, checkpoint)
+
+
+def ensemble_model(models: list):
+    """One Keras model whose output is the mean of the members' probabilities (same MFCC input)."""
+    import keras
+
+    inputs = keras.Input(shape=tuple(models[0].input_shape[1:]), name="mfcc")
+    # Renamed wrappers: members built from the same recipe share layer and model names.
+    outputs = [keras.Model(m.input, m.output, name=f"member_{i}")(inputs) for i, m in enumerate(models)]
+    return keras.Model(inputs, keras.layers.Average(name="probabilities")(outputs), name="ensemble")
+
+
+def _check_members(run_dirs: list[Path], configs: list) -> None:
+    """Members must agree on what they classify and on the data split: a member trained on clips
+    another one holds out (other split seed, holdout or data) would make "unseen" figures lie."""
+    first = configs[0]
+    for run_dir, config in zip(run_dirs[1:], configs[1:], strict=True):
+        for what, a, b in (("labels", first.task.labels, config.task.labels),
+                           ("task (words, split seed, holdout)", first.task.to_dict(), config.task.to_dict()),
+                           ("features", first.features.to_dict(), config.features.to_dict()),
+                           ("data folders", [Path(x).resolve() for x in first.data], [Path(x).resolve() for x in config.data])):
+            if a != b:
+                raise SpeechRNNError(f"cannot be averaged with {run_dirs[0]}: its {what} differ", run_dir)
+
+
+def export_runs(run_dirs: list, out: str | os.PathLike, checkpoint: str = "best",
+                label_thresholds: dict[str, float] | None = None) -> Path:
+    """Export one run, or several as one model that averages their probabilities (an ensemble).
+
+    Runs trained on the same data with different augmentation make different mistakes; their mean
+    is better calibrated, which the streaming detector's threshold feeds on (README: "The default model").
+    """
+    from speechrnn.runconfig import TrainConfig
     from speechrnn.train import model_from_run
 
-    run_dir = Path(run_dir)
-    config, model = model_from_run(run_dir, checkpoint)
+    run_dirs = [Path(r) for r in run_dirs]
+    if not run_dirs:
+        raise SpeechRNNError("no run folder given")
+    _check_members(run_dirs, [TrainConfig.load(r / "config.json") for r in run_dirs])
+    members = [model_from_run(r, checkpoint) for r in run_dirs]
+    config = members[0][0]
     labels = config.task.labels
-    summary = training_summary(run_dir)
+    for label in label_thresholds or {}:
+        if label not in config.task.words:
+            raise SpeechRNNError(f"threshold for {label}: not a command of this model ({', '.join(config.task.words)})",
+                                 run_dirs[0])
+    described = [{**c.model.to_dict(), "name": c.model.name, "parameters": int(m.count_params())} for c, m in members]
+    trained = [{**training_summary(r), "checkpoint": checkpoint, "run_config": c.to_dict()}
+               for r, (c, _) in zip(run_dirs, members, strict=True)]
+    if len(members) == 1:
+        model, model_meta, training = members[0][1], described[0], trained[0]
+    else:
+        model = ensemble_model([m for _, m in members])
+        model_meta = {"name": f"mean of {len(members)}: " + " + ".join(d["name"] for d in described),
+                      "parameters": int(model.count_params()), "members": described}
+        training = {"members": trained, "runs": [str(r) for r in run_dirs]}
     metadata = {
         "task": config.task.to_dict(),
-        "model": {**config.model.to_dict(), "name": config.model.name, "parameters": int(model.count_params())},
-        "training": {**summary, "checkpoint": checkpoint, "run_config": config.to_dict()},
-        "metrics": validation_metrics(model, run_dir, labels),
+        "model": model_meta,
+        "training": training,
+        "metrics": validation_metrics(model, run_dirs[0], labels),
     }
+    if label_thresholds:
+        metadata["streaming"] = {"label_thresholds": dict(label_thresholds)}
     return write_export(model, labels, config.features, out, metadata)

@@ -25,9 +25,10 @@ def describe_model(model_dir: str | None, as_json: bool = False) -> str:
         f"network     {model.get('name', '?')}, {model.get('parameters', 0):,} parameters",
         f"features    MFCC {feats['n_mfcc']} x {feats['n_mels']} mels, window {feats['window_ms']} ms, "
         f"hop {feats['hop_ms']} ms, {feats['sample_rate']} Hz, {feats['clip_seconds']} s clips",
-        f"trained     {training.get('epochs_run', '?')} epochs (best {training.get('best_epoch', '?')}), "
-        f"{training.get('train_clips', '?')} training clips; created {meta.get('created', '?')}",
     ]
+    for i, run in enumerate(training.get("members", [training])):  # an ensemble lists each member's run
+        lines.append(f"{'trained' if i == 0 else '':<12}{run.get('epochs_run', '?')} epochs (best {run.get('best_epoch', '?')}), "
+                     f"{run.get('train_clips', '?')} training clips" + (f"; created {meta.get('created', '?')}" if i == 0 else ""))
     for name, metrics in meta.get("metrics", {}).items():
         if metrics.get("accuracy") is None:
             continue

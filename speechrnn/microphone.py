@@ -10,7 +10,7 @@ import queue
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -205,7 +205,16 @@ def run_listener(detector: StreamingDetector, source: Iterator[np.ndarray],
 
 
 def detector_for(recognizer, config: StreamConfig) -> StreamingDetector:
-    """A detector scoring with the export's XLA-compiled MFCC signature (compiled once up front)."""
+    """A detector scoring with the export's XLA-compiled MFCC signature (compiled once up front).
+
+    Per-label thresholds the export carries (``streaming.label_thresholds`` in its metadata, set by
+    ``speechrnn export --threshold LABEL=T``) apply unless ``config`` sets the same labels."""
+    own = recognizer.meta.get("streaming", {}).get("label_thresholds", {})
+    try:
+        config = replace(config, label_thresholds={**own, **(config.label_thresholds or {})})
+        StreamingDetector(lambda x: x, recognizer.labels, recognizer.features, config)  # checks the labels
+    except ValueError as exc:
+        raise SpeechRNNError(str(exc), recognizer.model_dir) from None
     score = lambda x: recognizer.probabilities_from_mfcc(x, xla=True)  # noqa: E731
     score(np.zeros((1, *recognizer.features.shape), np.float32))
     return StreamingDetector(score, recognizer.labels, recognizer.features, config)

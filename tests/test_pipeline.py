@@ -272,3 +272,53 @@ def test_long_file_rule_picks_the_most_confident_non_silence_window(trained):
     assert rec.pick_window(probs).argmax() == 3
     only_silence = np.array([[0.6, 0.1, 0.1, 0.1, 0.05, 0.05], [0.9, 0.02, 0.02, 0.02, 0.02, 0.02]])
     assert rec.pick_window(only_silence)[0] == 0.9
+
+
+def test_export_of_several_runs_averages_their_probabilities(trained, tmp_path):
+    """Two real runs exported as one model: the SavedModel's probabilities are the members' mean."""
+    second = tmp_path / "second"
+    args = [a for a in TRAIN_ARGS]
+    args[args.index("--epochs") + 1], args[args.index("--seed") + 1] = "2", "4"
+    result = run_cli("train", "--data", str(trained["data"]), "--out", str(second), *args, env=trained["env"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "mean"
+    result = run_cli("export", str(trained["run"]), str(second), str(out), "--threshold", "up=0.9", env=trained["env"])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    from speechrnn.recognizer import Recognizer
+    from speechrnn.train import model_from_run
+
+    examples = held_out_clips(trained["data"], 12)
+    feats = mfcc(np.stack([fix_length(load_audio(ex.path), 16000) for ex in examples]), FeatureConfig())
+    members = [model_from_run(run)[1].predict(feats, verbose=0) for run in (trained["run"], second)]
+    assert np.abs(members[0] - members[1]).max() > 0.05  # two different models, so the mean means something
+    rec = Recognizer(out)
+    np.testing.assert_allclose(rec.probabilities_from_mfcc(feats), np.mean(members, axis=0), atol=1e-4)
+    np.testing.assert_allclose(rec.probabilities_from_mfcc(feats[:1], xla=True), np.mean(members, axis=0)[:1], atol=1e-4)
+    info = run_cli("info", str(out))
+    assert "mean of 2: 2xbigru32-attention + 2xbigru32-attention" in info.stdout
+    assert info.stdout.count("epochs (best") == 2
+
+    # The export carries its per-command threshold to `listen`; one given there is laid over it.
+    from speechrnn.microphone import detector_for
+    from speechrnn.streaming import StreamConfig
+
+    assert json.loads((out / "assets" / "speechrnn.json").read_text())["streaming"] == {"label_thresholds": {"up": 0.9}}
+    assert detector_for(rec, StreamConfig()).config.label_thresholds == {"up": 0.9}
+    assert detector_for(rec, StreamConfig(label_thresholds={"up": 0.6, "no": 0.8})).config.label_thresholds == {
+        "up": 0.6, "no": 0.8}
+    clip = str(examples[0].path)
+    result = run_cli("listen", str(out), "--input", clip, "--threshold", "left=0.5", env=trained["env"])
+    assert result.returncode == 1 and "threshold for left: not a command this model reports" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("listen", str(out), "--input", clip, "--threshold", "up=1.5", env=trained["env"])
+    assert result.returncode == 2 and "a threshold is in (0, 1]" in result.stderr
+
+    # A run split differently would have trained on clips the other holds out: refused, one line.
+    config = json.loads((second / "config.json").read_text())
+    config["task"]["seed"] += 1
+    (second / "config.json").write_text(json.dumps(config))
+    result = run_cli("export", str(trained["run"]), str(second), str(tmp_path / "refused"), env=trained["env"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "task (words, split seed, holdout) differ" in result.stderr and str(second) in result.stderr
+    assert not (tmp_path / "refused").exists()
