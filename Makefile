@@ -57,7 +57,8 @@ default-model: setup
 	test -f $(SYNTH_DIR)/onoff/synth.json || $(VENV)/bin/speechrnn data synth --out $(SYNTH_DIR)/onoff --words on,off --per-word 750 --noise-from $(SHARED) --seed 2
 	rm -rf runs/default
 	$(VENV)/bin/speechrnn train --config recipes/default.json --data $(SHARED) \
-	  --train-only $(SYNTH_DIR)/all --train-only $(SYNTH_DIR)/onoff --out runs/default --export models/default
+	  --train-only $(SYNTH_DIR)/all --train-only $(SYNTH_DIR)/onoff --out runs/default
+	$(VENV)/bin/speechrnn export runs/default models/default --threshold up=0.85
 	$(VENV)/bin/speechrnn evaluate models/default $(SHARED) --split unseen --plot models/default-confusion.png
 
 clean:
