@@ -29,6 +29,10 @@ def describe_model(model_dir: str | None, as_json: bool = False) -> str:
     for i, run in enumerate(training.get("members", [training])):  # an ensemble lists each member's run
         lines.append(f"{'trained' if i == 0 else '':<12}{run.get('epochs_run', '?')} epochs (best {run.get('best_epoch', '?')}), "
                      f"{run.get('train_clips', '?')} training clips" + (f"; created {meta.get('created', '?')}" if i == 0 else ""))
+    own = meta.get("streaming", {}).get("label_thresholds")
+    if own:
+        lines.append("listen      own thresholds " + ", ".join(f"{k} {v:g}" for k, v in own.items())
+                     + " (the other commands: listen --threshold)")
     for name, metrics in meta.get("metrics", {}).items():
         if metrics.get("accuracy") is None:
             continue

@@ -297,7 +297,7 @@ def test_export_of_several_runs_averages_their_probabilities(trained, tmp_path):
     np.testing.assert_allclose(rec.probabilities_from_mfcc(feats[:1], xla=True), np.mean(members, axis=0)[:1], atol=1e-4)
     info = run_cli("info", str(out))
     assert "mean of 2: 2xbigru32-attention + 2xbigru32-attention" in info.stdout
-    assert info.stdout.count("epochs (best") == 2
+    assert info.stdout.count("epochs (best") == 2 and "own thresholds up 0.9 " in info.stdout
 
     # The export carries its per-command threshold to `listen`; one given there is laid over it.
     from speechrnn.microphone import detector_for
