@@ -209,8 +209,8 @@ def export_runs(run_dirs: list, out: str | os.PathLike, checkpoint: str = "best"
                 label_thresholds: dict[str, float] | None = None) -> Path:
     """Export one run, or several as one model that averages their probabilities (an ensemble).
 
-    Runs trained on the same data with different augmentation make different mistakes; their mean
-    is better calibrated, which the streaming detector's threshold feeds on (README: "The default model").
+    Runs trained on the same data with different augmentation make partly different mistakes; what
+    the mean of two did on the streaming benchmark is in README ("The default model").
     """
     from speechrnn.runconfig import TrainConfig
     from speechrnn.train import model_from_run
