@@ -218,14 +218,15 @@ def export_runs(run_dirs: list, out: str | os.PathLike, checkpoint: str = "best"
     run_dirs = [Path(r) for r in run_dirs]
     if not run_dirs:
         raise SpeechRNNError("no run folder given")
-    _check_members(run_dirs, [TrainConfig.load(r / "config.json") for r in run_dirs])
-    members = [model_from_run(r, checkpoint) for r in run_dirs]
-    config = members[0][0]
-    labels = config.task.labels
-    for label in label_thresholds or {}:
+    configs = [TrainConfig.load(r / "config.json") for r in run_dirs]
+    _check_members(run_dirs, configs)
+    config = configs[0]
+    for label in label_thresholds or {}:  # checked before the (slow) model loading
         if label not in config.task.words:
             raise SpeechRNNError(f"threshold for {label}: not a command of this model ({', '.join(config.task.words)})",
                                  run_dirs[0])
+    members = [model_from_run(r, checkpoint) for r in run_dirs]
+    labels = config.task.labels
     described = [{**c.model.to_dict(), "name": c.model.name, "parameters": int(m.count_params())} for c, m in members]
     trained = [{**training_summary(r), "checkpoint": checkpoint, "run_config": c.to_dict()}
                for r, (c, _) in zip(run_dirs, members, strict=True)]

@@ -210,14 +210,14 @@ def detector_for(recognizer, config: StreamConfig) -> StreamingDetector:
     Per-label thresholds the export carries (``streaming.label_thresholds`` in its metadata, set by
     ``speechrnn export --threshold LABEL=T``) apply unless ``config`` sets the same labels."""
     own = recognizer.meta.get("streaming", {}).get("label_thresholds", {})
+    score = lambda x: recognizer.probabilities_from_mfcc(x, xla=True)  # noqa: E731
     try:
         config = replace(config, label_thresholds={**own, **(config.label_thresholds or {})})
-        StreamingDetector(lambda x: x, recognizer.labels, recognizer.features, config)  # checks the labels
-    except ValueError as exc:
+        detector = StreamingDetector(score, recognizer.labels, recognizer.features, config)
+    except ValueError as exc:  # a threshold for a label the model does not report
         raise SpeechRNNError(str(exc), recognizer.model_dir) from None
-    score = lambda x: recognizer.probabilities_from_mfcc(x, xla=True)  # noqa: E731
-    score(np.zeros((1, *recognizer.features.shape), np.float32))
-    return StreamingDetector(score, recognizer.labels, recognizer.features, config)
+    score(np.zeros((1, *recognizer.features.shape), np.float32))  # compile before the audio starts
+    return detector
 
 
 def status_line(detector: StreamingDetector) -> None:

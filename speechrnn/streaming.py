@@ -40,10 +40,11 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if self.hop_ms <= 0 or self.smoothing_ms < 0 or self.refractory_ms < 0:
             raise ValueError("hop must be positive; smoothing and refractory not negative")
-        for name, value in [("threshold", self.threshold), *(self.label_thresholds or {}).items()]:
+        if not 0 < self.threshold <= 1:
+            raise ValueError("threshold must be in (0, 1]")
+        for label, value in (self.label_thresholds or {}).items():
             if not 0 < value <= 1:
-                raise ValueError(f"{name} threshold must be in (0, 1], not {value}" if name != "threshold"
-                                 else "threshold must be in (0, 1]")
+                raise ValueError(f"{label} threshold must be in (0, 1], not {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,12 +74,13 @@ class StreamingDetector:
         frames_per_hop = max(1, round(config.hop_ms / features.hop_ms))
         self._frames_per_hop = frames_per_hop
         self._reportable = np.array([label not in (SILENCE, UNKNOWN) for label in self.labels])
-        per_label = dict(config.label_thresholds or {})
-        unknown = sorted(set(per_label) - {label for label, ok in zip(self.labels, self._reportable, strict=True) if ok})
+        per_label = config.label_thresholds or {}
+        commands = [label for label, ok in zip(self.labels, self._reportable, strict=True) if ok]
+        unknown = sorted(set(per_label) - set(commands))
         if unknown:
-            commands = ", ".join(label for label, ok in zip(self.labels, self._reportable, strict=True) if ok)
-            raise ValueError(f"threshold for {', '.join(unknown)}: not a command this model reports ({commands})")
+            raise ValueError(f"threshold for {', '.join(unknown)}: not a command this model reports ({', '.join(commands)})")
         self._thresholds = np.array([per_label.get(label, config.threshold) for label in self.labels])
+        self._release = self._thresholds / 2  # a reported command is re-armed below half its threshold
         self._window = np.zeros(features.shape, np.float32)  # the last second of MFCC frames, oldest first
         self._frames_seen = 0  # MFCC frames computed since the stream began
         self._frames_at_last_score = 0
@@ -130,8 +132,7 @@ class StreamingDetector:
         self.hops_scored += 1
         self._history.append(probs)
         smoothed = np.mean(self._history, axis=0)
-        release = self._thresholds / 2
-        self._disarmed = {i for i in self._disarmed if smoothed[i] >= release[i]}
+        self._disarmed = {i for i in self._disarmed if smoothed[i] >= self._release[i]}
         armed = self._reportable.copy()
         armed[list(self._disarmed)] = False
         candidates = np.where(armed & (smoothed >= self._thresholds), smoothed, -1.0)
