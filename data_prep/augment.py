@@ -25,6 +25,10 @@ class AugmentConfig:
     # by 38 dB in their own level (dude_miaowing 0.004 RMS, white_noise 0.33), so a gain on the raw
     # file leaves the quiet ones (cat, bike, dishes) far below the levels a room gives them.
     background_dbfs: tuple[float, float] | None = None
+    # When set, (lo, hi) in dB replaces both: the noise is mixed at a signal-to-noise ratio drawn
+    # uniformly between lo and hi, against the clip's own speech level (active_rms). A level in
+    # dBFS buries a quiet recording and barely touches a loud one; a ratio treats them alike.
+    background_snr_db: tuple[float, float] | None = None
     time_shift_ms: float = 100.0  # shift each clip by up to +-this, zero-filled
     speed_range: float = 0.0  # e.g. 0.1: play 0.9x..1.1x (changes tempo and pitch together)
     gain_db: float = 0.0  # e.g. 6: random level change of up to +-6 dB
@@ -41,6 +45,11 @@ class AugmentConfig:
             if lo > hi or hi > 0:
                 raise ValueError(f"background_dbfs must be [low, high] with low <= high <= 0 dBFS, not {self.background_dbfs}")
             object.__setattr__(self, "background_dbfs", (lo, hi))
+        if self.background_snr_db is not None:
+            lo, hi = (float(x) for x in self.background_snr_db)
+            if lo > hi:
+                raise ValueError(f"background_snr_db must be [low, high] with low <= high, not {self.background_snr_db}")
+            object.__setattr__(self, "background_snr_db", (lo, hi))
 
     @classmethod
     def from_dict(cls, data: dict) -> AugmentConfig:
@@ -102,6 +111,18 @@ def tilt(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return _at_energy_of(wave, lfilter([1.0, -coef], [1.0], wave))
 
 
+def active_rms(wave: np.ndarray, sample_rate: int = 16000, within_db: float = 20.0) -> float:
+    """RMS of the 20 ms frames within ``within_db`` of the loudest one: the level of the speech,
+    not of the silence around it (a word fills a third to two thirds of a 1 s clip)."""
+    width = sample_rate // 50
+    n = len(wave) // width
+    if n == 0:
+        return float(np.sqrt(np.mean(np.square(wave, dtype=np.float64)))) if len(wave) else 0.0
+    power = np.mean(np.square(wave[: n * width].reshape(n, width), dtype=np.float64), axis=1)
+    loud = power >= power.max() * 10 ** (-within_db / 10)
+    return float(np.sqrt(np.mean(power[loud])))
+
+
 def _at_energy_of(original: np.ndarray, changed: np.ndarray) -> np.ndarray:
     """``changed`` scaled to the energy of ``original``, as float32 (silence stays silence)."""
     energy = float(np.sum(changed**2))
@@ -120,10 +141,10 @@ def augment(
     out = np.array(waves, dtype=np.float32, copy=True)
     n, length = out.shape
     max_shift = int(sample_rate * config.time_shift_ms / 1000)
-    mixing = bool(noise) and (
-        config.background_dbfs is not None or config.background_volume > 0)
+    by_snr = config.background_snr_db is not None
+    mixing = bool(noise) and (by_snr or config.background_dbfs is not None or config.background_volume > 0)
     noise_rms = [max(1e-9, float(np.sqrt(np.mean(np.square(s, dtype=np.float64))))) for s in noise] \
-        if mixing and config.background_dbfs is not None else []
+        if mixing and (by_snr or config.background_dbfs is not None) else []
     for i in range(n):
         wave = out[i]
         if config.speed_range > 0:
@@ -140,7 +161,10 @@ def augment(
             k = int(rng.integers(len(noise)))
             source = noise[k]
             start = int(rng.integers(0, max(1, len(source) - length)))
-            if config.background_dbfs is not None:
+            if by_snr:
+                # A _silence_ clip is itself a noise cut: it gets a second noise at a ratio to its own level.
+                gain = active_rms(wave, sample_rate) * 10 ** (-rng.uniform(*config.background_snr_db) / 20) / noise_rms[k]
+            elif config.background_dbfs is not None:
                 gain = 10 ** (rng.uniform(*config.background_dbfs) / 20) / noise_rms[k]
             else:
                 gain = rng.uniform(0, config.background_volume)

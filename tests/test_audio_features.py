@@ -3,7 +3,7 @@ import pytest
 import soundfile as sf
 
 from data_prep.audio import fix_length, load_audio
-from data_prep.augment import AugmentConfig, augment, change_speed, reverberate, tilt, time_shift
+from data_prep.augment import AugmentConfig, active_rms, augment, change_speed, reverberate, tilt, time_shift
 from data_prep.dataset import SpeechCommands, TaskConfig
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import FeatureCache, featurize
@@ -114,6 +114,32 @@ def test_noise_mixed_at_a_level_in_dbfs_whatever_the_recording_level(shared_data
     assert AugmentConfig.from_dict({**by_level.to_dict(), "background_dbfs": [-50, -30]}) == by_level
     with pytest.raises(ValueError, match="background_dbfs"):
         AugmentConfig(background_dbfs=(-20.0, -40.0))
+
+
+def test_noise_mixed_at_a_ratio_to_each_clips_speech(shared_data):
+    """background_snr_db: a word recorded 20 dB quieter gets noise 20 dB quieter, so every clip ends
+    up at a drawn SNR against its own speech; a level in dBFS would bury the quiet one."""
+    word = fix_length(load_audio(sorted((shared_data / "yes").iterdir())[0]), 16000)
+    word = word / np.abs(word).max() * 0.5
+    clips = np.stack([word] * 100 + [word * 0.1] * 100)  # 0 and -20 dB
+    noise = [load_audio(shared_data / "_background_noise_" / "pink_noise.flac")[:64000]]
+    config = AugmentConfig(background_probability=1.0, background_snr_db=(0.0, 20.0), time_shift_ms=0)
+    mixed = augment(clips, noise, config, np.random.default_rng(5))
+    added = (mixed - clips).astype(np.float64)
+    speech = np.array([active_rms(c) for c in clips])
+    snr = 20 * np.log10(speech / np.sqrt(np.mean(added**2, axis=1)))
+    # pink noise is steady: each cut is within a dB of the recording's RMS, so of the drawn ratio
+    assert -1.5 < snr.min() and snr.max() < 21.5 and 8 < np.median(snr) < 12
+    loud, quiet = snr[:100], snr[100:]
+    assert abs(np.median(loud) - np.median(quiet)) < 3  # the same distribution, not 20 dB apart
+    # active_rms is the speech's level: within 20 dB of the loudest 20 ms, well above the whole clip's RMS
+    assert active_rms(word) > 1.2 * np.sqrt(np.mean(word**2))
+    assert active_rms(np.zeros(16000, np.float32)) == 0.0
+    silent = augment(np.zeros((3, 16000), np.float32), noise, config, np.random.default_rng(1))
+    assert not silent.any()  # no speech level, no noise: digital silence stays silent
+    assert AugmentConfig.from_dict({**config.to_dict(), "background_snr_db": [0, 20]}) == config
+    with pytest.raises(ValueError, match="background_snr_db"):
+        AugmentConfig(background_snr_db=(20.0, 0.0))
 
 
 def test_room_and_microphone_colouring(shared_data):
