@@ -380,13 +380,14 @@ def startup_profile(model: Path, clip: Path, args: argparse.Namespace) -> dict:
     roots = parse_importtime(proc.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         prof = os.path.join(tmp, "classify.prof")
-        subprocess.run(
-            [sys.executable, "-m", "cProfile", "-o", prof, "-m", "speechrnn.cli", "classify", str(model), str(clip)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            check=True,
+        # The CLI ends with os._exit (no TensorFlow teardown), which would end the process before
+        # cProfile writes its file: here it becomes sys.exit, which cProfile.run catches.
+        profiled = (
+            f"import cProfile, os, runpy, sys; sys.argv = ['speechrnn', 'classify', {str(model)!r}, {str(clip)!r}]; "
+            "os._exit = sys.exit; "
+            f"cProfile.run('runpy.run_module(\"speechrnn.cli\", run_name=\"__main__\")', {prof!r})"
         )
+        subprocess.run([sys.executable, "-c", profiled], capture_output=True, text=True, cwd=REPO, check=True)
         points = cprofile_points(prof)
     return {
         "python_startup_s": python_startup,
