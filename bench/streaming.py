@@ -279,6 +279,12 @@ def write_looped(path: Path, samples: np.ndarray, seconds: float) -> None:
 # ----------------------------------------------------------------------------- matching
 
 
+def no_command(causes: Counter) -> int:
+    """False alarms with no command spoken at all (noise alone, another word): what a user hears as
+    the spotter firing by itself; the others are a wrong label on a real command."""
+    return causes["in_noise_only"] + causes["on_unknown_word"]
+
+
 def match(stream: Stream, detections: list[dict]) -> dict:
     truths = stream.commands()
     matched: dict[int, dict] = {}  # truth index -> detection
@@ -338,10 +344,7 @@ def match(stream: Stream, detections: list[dict]) -> dict:
         "median_snr_db": {"detected": round(float(np.median(hit_snr)), 1) if hit_snr else None,
                           "missed": round(float(np.median([m["snr_db"] for m in misses])), 1) if misses else None},
         "false_alarms_by_cause": dict(false_alarms),
-        # Of the false alarms, those with no command spoken at all (noise, another word): what a
-        # user hears as the spotter firing by itself; the rest are a wrong label on a real command.
-        "false_alarms_per_hour_no_command": round(
-            (false_alarms["in_noise_only"] + false_alarms["on_unknown_word"]) / hours, 1),
+        "false_alarms_per_hour_no_command": round(no_command(false_alarms) / hours, 1),
         "misses": misses,
         "false_alarm_list": fa_list,
         "latencies_ms": [round(float(x), 1) for x in latencies],  # for pooling; not printed
@@ -594,8 +597,7 @@ def pooled_seeds(args: argparse.Namespace, recognizer, task, noise_db: tuple[flo
             "cpu_percent_one_core": round(100 * cpu / seconds, 2),
             "per_label_counts": {k: f"{a}/{b}" for k, (a, b) in sorted(labels.items())},
             "false_alarms_by_cause": dict(causes),
-            "false_alarms_per_hour_no_command": round(
-                (causes["in_noise_only"] + causes["on_unknown_word"]) / (seconds / 3600), 1),
+            "false_alarms_per_hour_no_command": round(no_command(causes) / (seconds / 3600), 1),
             "misses_by_cause": dict(misses),
         },
         "targets": TARGETS,

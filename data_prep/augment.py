@@ -113,7 +113,7 @@ def tilt(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def active_rms(wave: np.ndarray, sample_rate: int = 16000, within_db: float = 20.0) -> float:
     """RMS of the 20 ms frames within ``within_db`` of the loudest one: the level of the speech,
-    not of the silence around it (a word fills a third to two thirds of a 1 s clip)."""
+    not of the silence around it."""
     width = sample_rate // 50
     n = len(wave) // width
     if n == 0:

@@ -132,7 +132,7 @@ def test_noise_mixed_at_a_ratio_to_each_clips_speech(shared_data):
     assert -1.5 < snr.min() and snr.max() < 21.5 and 8 < np.median(snr) < 12
     loud, quiet = snr[:100], snr[100:]
     assert abs(np.median(loud) - np.median(quiet)) < 3  # the same distribution, not 20 dB apart
-    # active_rms is the speech's level: within 20 dB of the loudest 20 ms, well above the whole clip's RMS
+    # active_rms is the speech's level (frames within 20 dB of the loudest), above the whole clip's RMS
     assert active_rms(word) > 1.2 * np.sqrt(np.mean(word**2))
     assert active_rms(np.zeros(16000, np.float32)) == 0.0
     silent = augment(np.zeros((3, 16000), np.float32), noise, config, np.random.default_rng(1))
