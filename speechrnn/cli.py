@@ -299,9 +299,9 @@ def info(model: str | None, as_json: bool) -> None:
 @click.option("--realtime", is_flag=True, help="With --input: stream at real-time speed, not as fast as possible.")
 @click.option("--duration", type=click.FloatRange(0, min_open=True), default=None, help="Stop after this many seconds.")
 @click.option("--threshold", "thresholds", multiple=True, callback=_parse_thresholds, metavar="T|LABEL=T",
-              help="Smoothed score to report [0.7]; LABEL=T sets one command's (repeatable; the model may carry some).")
+              help="Smoothed score to report [0.6]; LABEL=T sets one command's (repeatable; the model may carry some).")
 @click.option("--hop-ms", type=click.FloatRange(10), default=None, help="Score the last second this often [200].")
-@click.option("--smoothing-ms", type=click.FloatRange(0), default=None, help="Average posteriors over this span [400].")
+@click.option("--smoothing-ms", type=click.FloatRange(0), default=None, help="Average posteriors over this span [800].")
 @click.option("--refractory-ms", type=click.FloatRange(0), default=None, help="Quiet time after a detection [1000].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per detection: {time, label, score}.")
 @_report_errors

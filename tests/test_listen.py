@@ -26,6 +26,7 @@ from virtual_mic import running_virtual_mic
 from conftest import REPO, run_cli
 from data_prep.audio import fix_length, load_audio, write_wav
 from data_prep.dataset import BACKGROUND_DIR, SpeechCommands
+from speechrnn.streaming import StreamConfig
 
 SR = 16000
 # Distinct commands, in the order they are played; the ones a keyword spotter gets right most often.
@@ -34,7 +35,7 @@ CANDIDATES_PER_WORD = 6
 # A microphone delivers a clip at any offset from the 200 ms scoring hops; calibration tries these.
 ALIGNMENTS = (0.0, 0.05, 0.10, 0.15)
 # A chosen clip is detected on its own, at every alignment, even with this threshold: its
-# smoothed score peaks well above the default 0.7 that the tests then use. (The score a detection
+# smoothed score peaks well above the default threshold that the tests then use. (The score a detection
 # reports is the first one to reach the threshold, not the peak, so it cannot tell the margin.)
 CALIBRATION_THRESHOLD = 0.85
 # ... and no other command comes near: with this threshold and no refractory period, nothing but
@@ -401,7 +402,7 @@ def check_heard(run: CliRun, session: MicSession) -> None:
     # Stream time = expected time in the file + when playback began in the stream (+ capture lag).
     offsets = times - session.sequence.expected_times()
     assert offsets.max() - offsets.min() < 0.5, f"not spaced like the clips: {times} vs {session.sequence.expected_times()}"
-    assert all(0.7 <= d["score"] <= 1.0 for d in detections), detections
+    assert all(StreamConfig().threshold <= d["score"] <= 1.0 for d in detections), detections
     assert "Traceback" not in run.stderr, run.describe()
 
 

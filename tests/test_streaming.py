@@ -23,7 +23,7 @@ LABELS = [SILENCE, UNKNOWN, "yes", "no", "up", "down"]
 FEATURES = FeatureConfig()
 SR = FEATURES.sample_rate
 HOP = 1600  # samples per 100 ms hop
-TIMELINE = {"hop_ms": 100.0, "smoothing_ms": 300.0}  # the timeline these tests are written for
+TIMELINE = {"hop_ms": 100.0, "smoothing_ms": 300.0, "threshold": 0.7}  # what these tests are written for
 
 
 def probs(**scores: float) -> np.ndarray:
