@@ -71,7 +71,7 @@ def time_feature_generation(data: TrainingData, epoch: int) -> tuple[dict, np.nd
     warm = augment(data.train_waves[:2], data.noise, cfg.augment, np.random.default_rng(0), cfg.features.sample_rate)
     mfcc_batched(warm, cfg.features)
     t0, c0 = time.perf_counter(), time.process_time()
-    x, y = data.epoch(epoch)
+    x, y, _ = data.epoch(epoch)
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     rng = np.random.default_rng([cfg.seed, epoch])  # the same steps as TrainingData.epoch
     idx = data._epoch_indices(rng)
@@ -100,13 +100,14 @@ def time_model_only(
     import keras
 
     norm = {"mean": x.mean(axis=(0, 1)).tolist(), "variance": x.var(axis=(0, 1)).tolist()}
-    model, optimizer, _ = build_training(cfg, len(data.labels), norm, data.epoch_size)
-    train_step, predict = make_steps(model, optimizer, cfg)
+    model, trained, optimizer, _ = build_training(cfg, len(data.labels), norm, data.epoch_size)
+    train_step, predict = make_steps(model, trained, optimizer, cfg)
+    no_domain = np.full(len(y), -1, np.int32)
     bs = cfg.batch_size
     starts = list(range(0, len(x), bs))
     t0 = time.perf_counter()
     for start in starts[:warmup_steps]:  # traces the step once (input_signature: one trace for all batches)
-        train_step(x[start : start + bs], y[start : start + bs])
+        train_step(x[start : start + bs], y[start : start + bs], no_domain[start : start + bs])
     warmup_s = time.perf_counter() - t0
     predict(data.val_x[:512])
     keras.utils.set_random_seed(cfg.seed * 1000 + 1)
@@ -114,7 +115,7 @@ def time_model_only(
     t0, c0 = time.perf_counter(), time.process_time()
     for step in range(steps):  # the Trainer's loop body, cycling over the epoch if steps > one epoch
         start = starts[step % len(starts)]
-        loss, gnorm, ok = train_step(x[start : start + bs], y[start : start + bs])
+        loss, gnorm, ok, _, _ = train_step(x[start : start + bs], y[start : start + bs], no_domain[start : start + bs])
         losses.append(float(loss))
         norms.append(float(gnorm))
         correct += float(ok)

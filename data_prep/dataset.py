@@ -170,6 +170,20 @@ class SpeechCommands:
             )
         return cls(root, clips, noise, "lists" if from_lists else "hash")
 
+    @classmethod
+    def union(cls, datasets: list[SpeechCommands]) -> SpeechCommands:
+        """Several folders as one: their clips (each keeping its own folder's split) and noise.
+
+        Unknown-word and silence sampling then draw from the pooled clips, so a second folder rich
+        in unknown words (e.g. digits) adds to the unknown class in proportion to the pool.
+        """
+        if len(datasets) == 1:
+            return datasets[0]
+        sources = {d.split_source for d in datasets}
+        return cls(datasets[0].root, [c for d in datasets for c in d.clips],
+                   list(dict.fromkeys(p for d in datasets for p in d.noise_files)),
+                   sources.pop() if len(sources) == 1 else "mixed")
+
     @property
     def words(self) -> list[str]:
         return sorted({c.word for c in self.clips})
@@ -180,10 +194,12 @@ class SpeechCommands:
             counts[clip.split][clip.word] += 1
         return {s: dict(sorted(c.items())) for s, c in counts.items()}
 
-    def examples(self, task: TaskConfig, split: str, noise_lengths: dict[Path, int] | None = None) -> list[Example]:
+    def examples(self, task: TaskConfig, split: str, noise_lengths: dict[Path, int] | None = None,
+                 all_unknown: bool = False) -> list[Example]:
         """The task's examples for one split: its words, plus sampled unknown and silence.
 
-        Fixed for a given task seed: the same folder always gives the same list.
+        Fixed for a given task seed: the same folder always gives the same list. all_unknown:
+        every clip of a word outside the task is an unknown example (no sampling).
         """
         if split == HOLDOUT:
             return [Example(c.path, c.word, HOLDOUT, c.word, c.speaker) for c in self.clips if task.is_held_out(c)]
@@ -196,7 +212,7 @@ class SpeechCommands:
         n_words = len(examples)
         if task.unknown_fraction > 0:
             pool = [c for c in in_split if c.word not in words]
-            n_unknown = min(len(pool), math.ceil(n_words * task.unknown_fraction))
+            n_unknown = len(pool) if all_unknown else min(len(pool), math.ceil(n_words * task.unknown_fraction))
             if pool and n_unknown:
                 picks = rng.choice(len(pool), size=n_unknown, replace=False)
                 examples += [Example(pool[i].path, UNKNOWN, split, pool[i].word, pool[i].speaker) for i in sorted(picks)]

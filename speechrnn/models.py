@@ -34,6 +34,9 @@ class ModelConfig:
     time_mask_frames: int = 10
     freq_masks: int = 2  # and of up to freq_mask_bins coefficients
     freq_mask_bins: int = 5
+    # Per-utterance mean normalisation: subtract each window's own mean of every coefficient over
+    # time (cepstral mean normalisation), which removes a fixed channel or voice colouring.
+    utterance_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -81,6 +84,52 @@ class SpecAugment(layers.Layer):
         return x * keep
 
 
+class UtteranceNorm(layers.Layer):
+    """Cepstral mean normalisation: [batch, frames, coeff] minus its mean over frames."""
+
+    def call(self, x):
+        return x - ops.mean(x, axis=1, keepdims=True)
+
+
+class GradientReversal(layers.Layer):
+    """Identity going forward; multiplies the gradient by -strength going back (Ganin and
+    Lempitsky, 2015, "Unsupervised domain adaptation by backpropagation"). Features trained
+    through it learn to make a domain classifier fail. ``strength`` is a variable the trainer ramps."""
+
+    def build(self, input_shape):
+        self.strength = self.add_weight(shape=(), initializer="zeros", trainable=False, name="strength")
+
+    def call(self, x):
+        import tensorflow as tf
+
+        strength = self.strength
+
+        @tf.custom_gradient
+        def reverse(y):
+            return tf.identity(y), lambda dy: -strength * dy
+
+        return reverse(x)
+
+
+FEATURE_LAYER = "features"  # the pooled utterance representation the classifier and domain heads share
+
+
+def with_domain_head(model: keras.Model, num_domains: int, units: int = 64, seed: int = 0) -> keras.Model:
+    """A training-only model: the classifier's outputs plus a domain classifier (e.g. real vs
+    synthetic speech) on the shared features, joined through a gradient-reversal layer.
+
+    Returns keras.Model(inputs -> [probabilities, domain probabilities]); the classifier's layers
+    are shared, so training this trains ``model``, and ``model`` alone is what gets exported.
+    """
+    feats = model.get_layer(FEATURE_LAYER).output
+    x = GradientReversal(name="gradient_reversal")(feats)
+    x = layers.Dense(units, activation="relu", name="domain_hidden",
+                     kernel_initializer=keras.initializers.GlorotUniform(seed + 200))(x)
+    domain = layers.Dense(num_domains, activation="softmax", name="domain",
+                          kernel_initializer=keras.initializers.GlorotUniform(seed + 201))(x)
+    return keras.Model(model.inputs, [model.output, domain], name=f"{model.name}-dann")
+
+
 class AttentionPooling(layers.Layer):
     """Weighted mean over time with learned softmax weights: lets the model find the word."""
 
@@ -107,6 +156,8 @@ def build_model(
     variance = np.ones(n_coeff, np.float32) if variance is None else np.asarray(variance, np.float32)
     inputs = keras.Input(shape=input_shape, name="mfcc")
     x = layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(inputs)
+    if config.utterance_norm:
+        x = UtteranceNorm(name="utterance_norm")(x)
     x = SpecAugment(config.time_masks, config.time_mask_frames, config.freq_masks, config.freq_mask_bins,
                     seed=seed, name="spec_augment")(x)
     cell = CELLS[config.cell]
@@ -120,6 +171,7 @@ def build_model(
         x = layers.GlobalAveragePooling1D(name="mean_pool")(x)
     elif config.pooling == "attention":
         x = AttentionPooling(name="attention_pool")(x)
+    x = layers.Identity(name=FEATURE_LAYER)(x)
     if config.dropout:
         x = layers.Dropout(config.dropout, seed=seed + 100)(x)
     outputs = layers.Dense(num_labels, activation="softmax", name="probabilities")(x)

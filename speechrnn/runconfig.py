@@ -33,6 +33,20 @@ class TrainConfig:
     balance: float = 0.25  # oversample each label's real clips to this fraction of the median real label count
     max_per_label: int = 0  # cap training examples per label (0: all); for quick tests
     seed: int = 0
+    # How a --train-only folder's words outside the task train: "sampled" (unknown_fraction of its
+    # task words, as for --data) or "all" (every clip, e.g. a synthesised vocabulary of unknown words).
+    train_only_unknown: str = "sampled"
+    # Domain-adversarial training (Ganin and Lempitsky, 2015): a second head learns to tell real
+    # (--data) from synthetic (--train-only) speech on the pooled features, and the features are
+    # pushed, through a gradient-reversal layer of this strength (ramped up from 0 over the run),
+    # to make it fail. 0 turns it off. The exported model has no such head.
+    domain_adversarial: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.train_only_unknown not in ("sampled", "all"):
+            raise ValueError(f"train_only_unknown must be 'sampled' or 'all', not {self.train_only_unknown!r}")
+        if self.domain_adversarial < 0:
+            raise ValueError("domain_adversarial must be >= 0")
 
     def to_dict(self) -> dict:
         return {

@@ -27,11 +27,11 @@ import numpy as np
 
 from data_prep.audio import load_audio
 from data_prep.augment import augment
-from data_prep.dataset import HOLDOUT, NOISE_REGIONS, SPLITS, SpeechCommands
+from data_prep.dataset import HOLDOUT, NOISE_REGIONS, SILENCE, SPLITS, SpeechCommands
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import WaveformLoader, featurize, progress
 from data_prep.features import mfcc_batched
-from speechrnn.models import build_model
+from speechrnn.models import build_model, with_domain_head
 from speechrnn.runconfig import TrainConfig, write_json_atomic, write_text_atomic
 from speechrnn.tfutil import import_tf
 
@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 HISTORY_FIELDS = [
     "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate",
     "grad_norm_max", "grad_norm_median", "clipped_fraction", "seconds",
+    "domain_loss", "domain_accuracy", "reversal_strength",
 ]
+REAL, SYNTHETIC, NO_DOMAIN = 0, 1, -1  # domain labels for domain-adversarial training
 
 
 class TrainingData:
@@ -48,16 +50,15 @@ class TrainingData:
     def __init__(self, config: TrainConfig, show_progress: bool = True):
         self.config = config
         task, fc = config.task, config.features
-        train, val, noise_files, extra = [], [], [], []
-        for folder in config.data:
-            ds = SpeechCommands.open(folder)
-            train += ds.examples(task, "training")
-            val += ds.examples(task, "validation")
-            noise_files += ds.noise_files
+        noise_files, extra = [], []
+        # The --data folders are pooled, so unknown words and silence are sampled from all of them.
+        real = SpeechCommands.union([SpeechCommands.open(folder) for folder in config.data])
+        train, val = real.examples(task, "training"), real.examples(task, "validation")
+        noise_files += real.noise_files
         for folder in config.train_only:
             ds = SpeechCommands.open(folder)
             for split in (*SPLITS, HOLDOUT):  # every clip of a train-only folder trains
-                extra += ds.examples(task, split)
+                extra += ds.examples(task, split, all_unknown=config.train_only_unknown == "all")
             noise_files += ds.noise_files
         if config.max_per_label:
             train = _cap_per_label(train, config.max_per_label, config.seed)
@@ -79,6 +80,10 @@ class TrainingData:
         self.train_waves = waves
         self.train_labels = np.array([index[ex.label] for ex in self.train_examples], np.int32)
         self.train_is_real = np.array([i < n_real for i in kept])  # from --data, not --train-only
+        # Domain of each example for domain-adversarial training; silence (noise cuts, real in
+        # either kind of folder) has none.
+        self.train_domain = np.where(self.train_is_real, REAL, SYNTHETIC).astype(np.int32)
+        self.train_domain[np.array([ex.label == SILENCE for ex in self.train_examples], bool)] = NO_DOMAIN
         # Noise for mixing: only the training region of each recording.
         lo, hi = NOISE_REGIONS["training"]
         self.noise = []
@@ -109,12 +114,12 @@ class TrainingData:
         idx = np.concatenate([np.arange(len(self.train_labels)), *extra]) if extra else np.arange(len(self.train_labels))
         return rng.permutation(idx)
 
-    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of one epoch, deterministic in (seed, epoch)."""
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features, labels and domains (REAL, SYNTHETIC, NO_DOMAIN) of one epoch, deterministic in (seed, epoch)."""
         rng = np.random.default_rng([self.config.seed, epoch])
         idx = self._epoch_indices(rng)
         waves = augment(self.train_waves[idx], self.noise, self.config.augment, rng, self.config.features.sample_rate)
-        return mfcc_batched(waves, self.config.features), self.train_labels[idx]
+        return mfcc_batched(waves, self.config.features), self.train_labels[idx], self.train_domain[idx]
 
 
 def _cap_per_label(examples, cap, seed):
@@ -190,12 +195,21 @@ def model_from_run(run_dir: str | os.PathLike, checkpoint: str = "best"):
     return config, model
 
 
+def reversal_strength(cfg: TrainConfig, epoch: int) -> float:
+    """Gradient-reversal strength for an epoch: Ganin and Lempitsky's ramp 2/(1+exp(-10p)) - 1 over
+    the training progress p (0 at the start, ~1 by the middle), times cfg.domain_adversarial."""
+    progress = (epoch - 1) / max(1, cfg.epochs - 1)
+    return float(cfg.domain_adversarial * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0))
+
+
 def build_training(cfg: TrainConfig, num_labels: int, norm: dict, epoch_size: int):
-    """The model, its Adam optimizer (gradient clipping, warm-up + cosine schedule) and the schedule."""
+    """The model, the model trained (itself, or with a domain head), its Adam optimizer (gradient
+    clipping, warm-up + cosine schedule) and the schedule."""
     import keras
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(cfg.model, cfg.features.shape, num_labels, norm["mean"], norm["variance"], cfg.seed)
+    trained = with_domain_head(model, 2, seed=cfg.seed) if cfg.domain_adversarial > 0 else model
     steps_per_epoch = math.ceil(epoch_size / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
@@ -208,29 +222,44 @@ def build_training(cfg: TrainConfig, num_labels: int, norm: dict, epoch_size: in
         global_clipnorm=cfg.clipnorm if cfg.clipnorm > 0 else None,
         clipvalue=cfg.clipvalue if cfg.clipnorm <= 0 and cfg.clipvalue > 0 else None,
     )
-    optimizer.build(model.trainable_variables)
-    return model, optimizer, schedule
+    optimizer.build(trained.trainable_variables)
+    return model, trained, optimizer, schedule
 
 
-def make_steps(model, optimizer, cfg: TrainConfig):
-    """Compiled (train_step, predict). train_step returns loss, the global gradient norm before
-    clipping (the optimizer clips inside apply), and the number of correct predictions."""
+def make_steps(model, trained, optimizer, cfg: TrainConfig):
+    """Compiled (train_step, predict). train_step(x, y, domain) returns the classification loss,
+    the global gradient norm before clipping (the optimizer clips inside apply), the number of
+    correct predictions, and the domain head's loss and correct count (zeros without one)."""
     tf = import_tf()
     import keras
 
     spec_x = tf.TensorSpec([None, *cfg.features.shape], tf.float32)
     spec_y = tf.TensorSpec([None], tf.int32)
+    adversarial = trained is not model
 
-    @tf.function(input_signature=[spec_x, spec_y])
-    def train_step(x, y):
+    @tf.function(input_signature=[spec_x, spec_y, spec_y])
+    def train_step(x, y, domain):
         with tf.GradientTape() as tape:
-            probs = model(x, training=True)
+            if adversarial:
+                probs, domain_probs = trained(x, training=True)
+            else:
+                probs = trained(x, training=True)
             loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probs))
-        grads = tape.gradient(loss, model.trainable_variables)
+            total = loss
+            domain_loss, domain_correct = tf.constant(0.0), tf.constant(0.0)
+            if adversarial:  # the mean over examples that have a domain (not silence)
+                has = tf.cast(domain >= 0, tf.float32)
+                known = tf.maximum(domain, 0)
+                per = keras.losses.sparse_categorical_crossentropy(known, domain_probs)
+                domain_loss = tf.reduce_sum(per * has) / tf.maximum(tf.reduce_sum(has), 1.0)
+                hit = tf.cast(tf.equal(tf.argmax(domain_probs, -1, output_type=tf.int32), known), tf.float32)
+                domain_correct = tf.reduce_sum(hit * has)
+                total = loss + domain_loss
+        grads = tape.gradient(total, trained.trainable_variables)
         norm = tf.linalg.global_norm(grads)
-        optimizer.apply(grads, model.trainable_variables)
+        optimizer.apply(grads, trained.trainable_variables)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
-        return loss, norm, correct
+        return loss, norm, correct, domain_loss, domain_correct
 
     @tf.function(input_signature=[spec_x])
     def predict(x):
@@ -296,17 +325,20 @@ class Trainer:
         if norm_path.exists():
             norm = json.loads(norm_path.read_text())
         else:
-            x0, _ = prefetch.get(0)  # statistics from the first (augmented) epoch: seeded, cheap
+            x0, _, _ = prefetch.get(0)  # statistics from the first (augmented) epoch: seeded, cheap
             norm = {"mean": x0.mean(axis=(0, 1)).tolist(), "variance": x0.var(axis=(0, 1)).tolist()}
             write_json_atomic(norm_path, norm)
         if first_epoch <= cfg.epochs:
             prefetch.start(first_epoch)  # the first epoch's features are made while the model is built
-        model, optimizer, schedule = build_training(cfg, len(labels), norm, data.epoch_size)
+        model, trained, optimizer, schedule = build_training(cfg, len(labels), norm, data.epoch_size)
         if resume and state_path.exists():
             model.set_weights(load_weights_npz(state_path, "model"))
+            if trained is not model:
+                trained.set_weights(load_weights_npz(state_path, "trained"))
             for var, value in zip(optimizer.variables, load_weights_npz(state_path, "opt"), strict=True):
                 var.assign(value)
-        train_step, predict = make_steps(model, optimizer, cfg)
+        train_step, predict = make_steps(model, trained, optimizer, cfg)
+        reversal = trained.get_layer("gradient_reversal") if trained is not model else None
 
         n_params = int(model.count_params())
         self.report(f"{cfg.model.name}: {n_params:,} parameters; {len(data.train_examples)} training clips "
@@ -318,18 +350,23 @@ class Trainer:
                 stopped_early = True
                 break
             t0 = time.time()
-            x, y = prefetch.get(epoch)
+            x, y, d = prefetch.get(epoch)
             if epoch < cfg.epochs:
                 prefetch.start(epoch + 1)
             keras.utils.set_random_seed(cfg.seed * 1000 + epoch)
-            losses, norms, correct = [], [], 0.0
+            if reversal is not None:
+                reversal.strength.assign(reversal_strength(cfg, epoch))
+            losses, norms, correct, domain_losses, domain_correct = [], [], 0.0, [], 0.0
             batches = range(0, len(x), cfg.batch_size)
             with progress(batches, f"epoch {epoch}/{cfg.epochs}", self.show_progress and sys.stderr.isatty()) as bar:
                 for start in bar:
-                    loss, gnorm, ok = train_step(x[start : start + cfg.batch_size], y[start : start + cfg.batch_size])
+                    batch = slice(start, start + cfg.batch_size)
+                    loss, gnorm, ok, dloss, dok = train_step(x[batch], y[batch], d[batch])
                     losses.append(float(loss))
                     norms.append(float(gnorm))
                     correct += float(ok)
+                    domain_losses.append(float(dloss))
+                    domain_correct += float(dok)
             if not np.all(np.isfinite(losses)):
                 raise SpeechRNNError(f"training diverged at epoch {epoch} (loss is not finite); try --clipnorm 1 "
                                      "or a lower --lr", self.run_dir)
@@ -344,6 +381,9 @@ class Trainer:
                 "grad_norm_max": float(norms_arr.max()), "grad_norm_median": float(np.median(norms_arr)),
                 "clipped_fraction": float(np.mean(norms_arr > cfg.clipnorm)) if cfg.clipnorm > 0 else 0.0,
                 "seconds": round(time.time() - t0, 2),
+                "domain_loss": float(np.mean(domain_losses)) if reversal is not None else "",
+                "domain_accuracy": domain_correct / max(1, int(np.sum(d >= 0))) if reversal is not None else "",
+                "reversal_strength": round(reversal_strength(cfg, epoch), 4) if reversal is not None else "",
             }
             state["history"].append(row)
             improved = val_acc > state["best_val_accuracy"]
@@ -356,15 +396,18 @@ class Trainer:
             state["epoch"] = epoch
             save_npz_atomic(state_path, {
                 **_arrays("model", model.get_weights()),
+                **(_arrays("trained", trained.get_weights()) if trained is not model else {}),
                 **_arrays("opt", [v.numpy() for v in optimizer.variables]),
                 "state": np.array(json.dumps(state)),
             })
             self._write_history(state["history"])
+            domain = (f"  domain acc {row['domain_accuracy']:.3f} (reversal {row['reversal_strength']:.2f})"
+                      if reversal is not None else "")
             self.report(
                 f"epoch {epoch:3d}/{cfg.epochs}  loss {row['loss']:.3f}  acc {row['accuracy']:.3f}  "
                 f"val_loss {val_loss:.3f}  val_acc {val_acc:.3f}{' *' if improved else '  '}  "
                 f"grad-norm max {row['grad_norm_max']:.2f} median {row['grad_norm_median']:.2f}  "
-                f"lr {row['learning_rate']:.2e}  {row['seconds']:.0f}s"
+                f"lr {row['learning_rate']:.2e}  {row['seconds']:.0f}s{domain}"
             )
         else:
             stopped_early = state["epoch"] < cfg.epochs

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import run_cli
@@ -100,3 +103,62 @@ def test_killed_export_leaves_nothing_that_looks_complete(runs, tmp_path):
     refused = run_cli("export", str(runs["unbroken"]), str(other))
     assert refused.returncode == 1 and "not a speechrnn export" in refused.stderr
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_gradient_reversal_flips_and_scales_the_gradient():
+    from speechrnn.models import GradientReversal
+    from speechrnn.tfutil import import_tf
+
+    tf = import_tf()
+    layer = GradientReversal()
+    x = tf.constant([[1.0, -2.0, 3.0]])
+    layer.build(x.shape)
+    layer.strength.assign(0.5)
+    weights = tf.constant([[2.0, 3.0, -1.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * weights)
+    np.testing.assert_array_equal(y.numpy(), x.numpy())  # the identity going forward
+    np.testing.assert_allclose(tape.gradient(loss, x).numpy(), -0.5 * weights.numpy())
+
+
+def test_domain_adversarial_training_resumes_and_exports_without_its_head(tmp_path, shared_data):
+    """Real and espeak-ng speech with a real-vs-synthetic head: the head trains (its accuracy is
+    logged), a resumed run carries it on, and the export is the plain classifier."""
+    from data_prep.synth import synthesize_dataset
+
+    synth = tmp_path / "synth"
+    synthesize_dataset(synth, ["yes", "no", "marvin", "tree"], 12, seed=1, show_progress=False)
+    run, export = tmp_path / "run", tmp_path / "export"
+    args = ["--data", str(shared_data), "--train-only", str(synth), "--words", "yes,no", "--units", "16",
+            "--layers", "1", "--max-per-label", "40", "--batch-size", "16", "--seed", "2",
+            "--domain-adversarial", "0.5", "--train-only-unknown", "all", "--out", str(run)]
+    first = run_cli("train", *args, "--epochs", "2", env={"SPEECHRNN_CACHE": str(tmp_path / "cache")})
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "domain acc" in first.stderr and "(reversal 0.00)" in first.stderr
+    resumed = run_cli("train", "--out", str(run), "--resume", "--epochs", "3", "--export", str(export),
+                      env={"SPEECHRNN_CACHE": str(tmp_path / "cache")})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = history(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    # the ramp 2/(1+exp(-10p))-1 reaches ~1 at the last epoch (p = 1) of each session
+    assert [float(r["reversal_strength"]) for r in rows] == [0.0, pytest.approx(0.5, abs=1e-3), pytest.approx(0.5, abs=1e-3)]
+    assert all(0 < float(r["domain_accuracy"]) <= 1 and float(r["domain_loss"]) > 0 for r in rows)
+    # all 24 synthetic unknown clips (marvin, tree) train, beside the real ones sampled as before
+    config = json.loads((run / "config.json").read_text())
+    assert config["train_only_unknown"] == "all" and config["domain_adversarial"] == 0.5
+    with np.load(run / "checkpoints" / "last.npz") as ck:
+        assert int(ck["trained_count"]) > int(ck["model_count"])  # the head's weights are kept for resume
+    check = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import json, tensorflow as tf
+        m = tf.saved_model.load({str(export)!r})
+        sizes = [s for n, s in tf.train.list_variables({str(export / "variables" / "variables")!r}) if s]
+        out = m.signatures["mfcc"](tf.zeros([1, 98, 40]))
+        print(json.dumps({{"shape": out["probabilities"].shape.as_list(),
+                           "values": sum(int(tf.reduce_prod(s)) for s in sizes)}}))
+    """)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr[-2000:]
+    exported = json.loads(check.stdout.strip().splitlines()[-1])
+    # the classifier's own weights and nothing more (the domain head alone has over 2,000)
+    assert exported == {"shape": [1, 4], "values": json.loads((run / "summary.json").read_text())["parameters"]}
