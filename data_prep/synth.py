@@ -335,8 +335,7 @@ def synthesize_dataset(
         specs = plan_kokoro_clips(words, per_word, random_blends(speakers, seed), seed)
         record = {"engine": engine, "seed": seed, "words": words, "per_word": per_word, "speakers": speakers,
                   "sample_rate": sample_rate}
-    partial = _open_partial(out, {**record, "noise_from": None if noise_from is None else str(noise_from),
-                                  "clips": [asdict(s) for s in specs]})
+    partial = _open_partial(out, {**record, "clips": [asdict(s) for s in specs]})
     todo = [s for s in specs if not (partial / s.word / s.name).is_file()]
     if len(todo) < len(specs):
         log.warning("resuming %s: %d of %d clips already written", partial, len(specs) - len(todo), len(specs))
@@ -368,6 +367,44 @@ def synthesize_dataset(
     }
     log.info("synthesised %d clips of %d words in %.1f s into %s", len(specs), len(words), summary["seconds"], out)
     return summary
+
+
+SET_KEYS = {"engine", "words", "vocabulary", "per_word", "seed", "speakers", "plain"}
+
+
+def synthesize_sets(recipe: str | os.PathLike, out: str | os.PathLike, noise_from: str | os.PathLike | None = None,
+                    workers: int = 2, show_progress: bool = True, report=log.info) -> list[dict]:
+    """Every set of a synthesis recipe (JSON: {"sets": {name: {engine, words | vocabulary, per_word,
+    seed, [speakers], [plain]}}}) into OUT/<name>. A set already complete with the same settings is
+    kept; one with other settings is an error (delete it to remake it); an unfinished one resumes."""
+    try:
+        sets = json.loads(Path(recipe).read_text())["sets"]
+        assert isinstance(sets, dict) and sets
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise SpeechRNNError(f"not a synthesis recipe ({type(exc).__name__}: {exc}); expected "
+                             '{"sets": {"name": {"engine": ..., "words": [...], "per_word": N, "seed": S}}}',
+                             recipe) from None
+    summaries = []
+    for name, spec in sets.items():
+        unknown_keys = set(spec) - SET_KEYS - {"_about"}
+        if unknown_keys or ("words" in spec) == ("vocabulary" in spec):
+            raise SpeechRNNError(f"set {name!r}: give words or vocabulary, and only {', '.join(sorted(SET_KEYS))}",
+                                 recipe)
+        words = spec["words"] if "words" in spec else vocabulary(spec["vocabulary"])
+        kwargs = {"per_word": spec["per_word"], "seed": spec["seed"], "engine": spec.get("engine", "espeak"),
+                  "speakers": spec.get("speakers", 200), "plain": spec.get("plain", False)}
+        target = Path(out) / name
+        if (target / "synth.json").is_file():
+            held = json.loads((target / "synth.json").read_text())
+            if any(held.get(k, kwargs.get(k)) != v for k, v in {**kwargs, "words": words}.items()
+                   if k in held or k == "words"):
+                raise SpeechRNNError(f"holds set {name!r} made with other settings; delete it to remake it", target)
+            report(f"{name}: already complete")
+            continue
+        report(f"{name}: {len(words)} words x {kwargs['per_word']} ({kwargs['engine']})")
+        summaries.append({"set": name, **synthesize_dataset(target, words, noise_from=noise_from, workers=workers,
+                                                            show_progress=show_progress, **kwargs)})
+    return summaries
 
 
 def _open_partial(out: Path, plan: dict) -> Path:

@@ -107,7 +107,10 @@ def data_download(version: str, out: str, url: str | None, sha256: str | None) -
 
 
 @data.command("synth")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write the dataset into.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the dataset into (with --recipe: the folder of its sets).")
+@click.option("--recipe", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Make every set of a synthesis recipe (e.g. recipes/synth.json) into OUT/<set>.")
 @click.option("--engine", type=click.Choice(["espeak", "kokoro"]), default="espeak", show_default=True,
               help="espeak-ng (formant, 8 accents x ~98 variants) or Kokoro-82M (neural; random voice blends).")
 @click.option("--words", default=None, help="Comma-separated words (default: the 10 commands plus a few unknown words).")
@@ -124,15 +127,22 @@ def data_download(version: str, out: str, url: str | None, sha256: str | None) -
 @click.option("--plain", is_flag=True,
               help="espeak-ng: each word as spelled, no intonation endings (no 'awf'/'ahf' for 'off'); for comparisons.")
 @_report_errors
-def data_synth(out: str, engine: str, words: str | None, vocabulary: str | None, per_word: int, speakers: int,
-               workers: int, noise_from: str | None, seed: int, plain: bool) -> None:
+def data_synth(out: str, recipe: str | None, engine: str, words: str | None, vocabulary: str | None, per_word: int,
+               speakers: int, workers: int, noise_from: str | None, seed: int, plain: bool) -> None:
     """Speak words in many synthetic voices into a Speech Commands-style folder OUT.
 
     Resumable: run the same command again after a kill and it goes on where it stopped.
     """
-    from data_prep.synth import DEFAULT_WORDS, synthesize_dataset
+    from data_prep.synth import DEFAULT_WORDS, synthesize_dataset, synthesize_sets
     from data_prep.synth import vocabulary as read_vocabulary
 
+    if recipe:
+        done = synthesize_sets(recipe, out, noise_from, workers, report=functools.partial(click.echo, err=True))
+        for s in done:
+            click.echo(f"{s['set']}: {s['clips']} clips ({s['engine']}) in {s['seconds']:.0f} s "
+                       f"({s['clips_rendered'] / max(s['seconds'], 1e-9):.2f} clips/s)")
+        click.echo(f"synthetic sets ready in {out}")
+        return
     if words and vocabulary:
         raise click.UsageError("give --words or --vocabulary, not both")
     if plain and engine != "espeak":
@@ -260,22 +270,24 @@ def export(run_dirs: tuple[str, ...], out: str, checkpoint: str, thresholds) -> 
 
 @main.command()
 @click.argument("model", type=click.Path())
-@click.argument("data", type=click.Path())
+@click.argument("data", type=click.Path(), nargs=-1, required=True)
 @click.option("--split", type=click.Choice(["testing", "validation", "holdout", "unseen", "all"]), default="testing",
               show_default=True, help="Which clips of a dataset folder; unseen = validation + testing + holdout.")
+@click.option("--all-unknown", is_flag=True,
+              help="Every clip of a non-command word in the split, not the model's task sample of them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the confusion matrix as a PNG.")
 @_report_errors
-def evaluate(model: str, data: str, split: str, as_json: bool, plot: str | None) -> None:
+def evaluate(model: str, data: tuple[str, ...], split: str, all_unknown: bool, as_json: bool, plot: str | None) -> None:
     """Accuracy, per-class precision/recall and confusion matrix of MODEL on DATA.
 
-    DATA is a dataset folder (its split lists) or a folder whose sub-folders are labels
-    (yes/, _silence_/, _unknown_/; any other word counts as _unknown_).
+    DATA is one or more dataset folders (their split lists; pooled) or one folder whose
+    sub-folders are labels (yes/, _silence_/, _unknown_/; any other word counts as _unknown_).
     """
     from speechrnn.evaluate import evaluate as run_evaluation
     from speechrnn.evaluate import format_report, plot_confusion
 
-    report = run_evaluation(model, data, split)
+    report = run_evaluation(model, data[0] if len(data) == 1 else list(data), split, all_unknown=all_unknown)
     if plot:
         plot_confusion(report, plot)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

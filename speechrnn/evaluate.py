@@ -8,7 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.dataset import HOLDOUT, SPLITS, SpeechCommands, TaskConfig, flat_folder_examples, is_dataset_folder
+from data_prep.dataset import (
+    HOLDOUT,
+    SPLITS,
+    UNKNOWN,
+    SpeechCommands,
+    TaskConfig,
+    flat_folder_examples,
+    is_dataset_folder,
+)
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import WaveformLoader
 from speechrnn.recognizer import Recognizer
@@ -56,27 +64,36 @@ def metrics_from_predictions(truth: np.ndarray, predicted: np.ndarray, labels: l
             "labels": labels, "per_class": per_class, "confusion_matrix": cm.tolist()}
 
 
-def evaluation_examples(data: str | os.PathLike, labels: list[str], task: TaskConfig, split: str):
-    """A dataset folder (its split lists, the model's task sampling) or a flat label-folder tree."""
-    data = Path(data)
-    if not data.is_dir():
-        raise SpeechRNNError("not a folder (expected a dataset or a folder of label sub-folders)", data)
-    if is_dataset_folder(data):
-        dataset = SpeechCommands.open(data)
+def evaluation_examples(data, labels: list[str], task: TaskConfig, split: str, all_unknown: bool = False):
+    """Dataset folders (their split lists, the model's task sampling; several are pooled as in
+    training) or one flat label-folder tree. all_unknown: every clip of a word outside the task
+    in the split, not the task's sample of them."""
+    folders = [Path(d) for d in ([data] if isinstance(data, str | os.PathLike) else data)]
+    for folder in folders:
+        if not folder.is_dir():
+            raise SpeechRNNError("not a folder (expected a dataset or a folder of label sub-folders)", folder)
+    if all(is_dataset_folder(f) for f in folders):
+        dataset = SpeechCommands.union([SpeechCommands.open(f) for f in folders])
         if split not in SPLIT_CHOICES:
             raise SpeechRNNError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_CHOICES)}")
-        examples = [ex for s in SPLIT_CHOICES[split] for ex in dataset.examples(task, s)]
+        examples = [ex for s in SPLIT_CHOICES[split] for ex in dataset.examples(task, s, all_unknown=all_unknown)]
         if not examples:
-            raise SpeechRNNError(f"no {split} examples in this dataset; try --split validation", data)
+            raise SpeechRNNError(f"no {split} examples in this dataset; try --split validation", folders[0])
         return examples
-    return flat_folder_examples(data, labels)
+    if len(folders) > 1:
+        raise SpeechRNNError("several folders must all be datasets (with split lists or _background_noise_)",
+                             next(f for f in folders if not is_dataset_folder(f)))
+    return flat_folder_examples(folders[0], labels)
 
 
-def evaluate(model_dir: str | os.PathLike | None, data: str | os.PathLike, split: str = "testing",
-             recognizer: Recognizer | None = None) -> dict:
+def evaluate(model_dir: str | os.PathLike | None, data, split: str = "testing",
+             recognizer: Recognizer | None = None, all_unknown: bool = False) -> dict:
+    """Score MODEL on DATA (a folder, or a list of dataset folders): accuracy, per-class
+    precision/recall with 95% intervals, the confusion matrix, and the recall of each word that
+    counts as _unknown_ (``unknown_by_word``)."""
     rec = recognizer or Recognizer(model_dir)
     task = TaskConfig.from_dict(rec.meta["task"]) if "task" in rec.meta else TaskConfig()
-    examples = evaluation_examples(data, rec.labels, task, split)
+    examples = evaluation_examples(data, rec.labels, task, split, all_unknown)
     waves, kept, errors = WaveformLoader(rec.features).load_many(examples)
     for err in errors:
         log.warning("skipped: %s", err)
@@ -84,8 +101,20 @@ def evaluate(model_dir: str | os.PathLike | None, data: str | os.PathLike, split
         raise SpeechRNNError("none of the files could be read", data)
     probs = rec.probabilities(waves)
     truth = np.array([rec.labels.index(examples[i].label) for i in kept])
-    report = metrics_from_predictions(truth, probs.argmax(1), rec.labels)
-    report.update(model=str(rec.model_dir), data=str(data), split=split, skipped=[str(e) for e in errors])
+    predicted = probs.argmax(1)
+    report = metrics_from_predictions(truth, predicted, rec.labels)
+    if UNKNOWN in rec.labels:
+        unknown = rec.labels.index(UNKNOWN)
+        by_word: dict[str, list[int]] = {}
+        for row, i in enumerate(kept):
+            if examples[i].label == UNKNOWN:
+                by_word.setdefault(examples[i].word or UNKNOWN, []).append(int(predicted[row] == unknown))
+        report["unknown_by_word"] = {
+            word: {"support": len(hits), "recall": sum(hits) / len(hits),
+                   "recall_95ci": list(wilson_interval(sum(hits), len(hits)))}
+            for word, hits in sorted(by_word.items())}
+    report.update(model=str(rec.model_dir), data=str(data) if isinstance(data, str | os.PathLike) else
+                  ", ".join(map(str, data)), split=split, skipped=[str(e) for e in errors])
     return report
 
 
@@ -132,6 +161,11 @@ def format_report(report: dict) -> str:
         rec = f"{m['recall']:.3f}" if m["recall"] is not None else "-"
         ci = f"{m['recall_95ci'][0]:.2f}-{m['recall_95ci'][1]:.2f}" if m["recall_95ci"] else ""
         lines.append(f"{label:<12}{m['support']:>8}{prec:>11}{rec:>8}   {ci}")
+    words = report.get("unknown_by_word") or {}
+    if len(words) > 1:
+        worst = sorted(words.items(), key=lambda kv: (kv[1]["recall"], -kv[1]["support"]))[:8]
+        lines.append(f"{UNKNOWN} by word ({len(words)} words), lowest recall: "
+                     + ", ".join(f"{w} {m['recall']:.2f} (n={m['support']})" for w, m in worst))
     if report.get("skipped"):
         lines.append(f"skipped {len(report['skipped'])} unreadable files")
     return "\n".join(lines)

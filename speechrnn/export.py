@@ -144,11 +144,8 @@ def validation_metrics(model, run_dir: Path, labels: list[str]) -> dict:
     from speechrnn.runconfig import TrainConfig
 
     config = TrainConfig.load(run_dir / "config.json")
-    groups: dict[str, list] = {"validation": [], HOLDOUT: []}
-    for folder in config.data:
-        dataset = SpeechCommands.open(folder)
-        for split in groups:
-            groups[split] += dataset.examples(config.task, split)
+    dataset = SpeechCommands.union([SpeechCommands.open(folder) for folder in config.data])  # as training pools them
+    groups = {split: dataset.examples(config.task, split) for split in ("validation", HOLDOUT)}
     feats = featurize(groups["validation"] + groups[HOLDOUT], config.features, show_progress=False)
     if not len(feats.features):
         return {}

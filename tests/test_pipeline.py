@@ -181,6 +181,24 @@ def test_evaluate_is_clearly_above_chance_on_unseen_speakers(trained, tmp_path):
     assert testing.returncode == 1 and "no testing examples" in testing.stderr and "Traceback" not in testing.stderr
 
 
+def test_evaluate_pools_folders_and_reports_every_unknown_word(trained):
+    """Two dataset folders pooled, every unseen unknown-word clip, and recall per unknown word."""
+    extra = trained["data"].parent / "speech_commands_extra"
+    result = run_cli("evaluate", str(trained["export"]), str(trained["data"]), str(extra), "--split", "validation",
+                     "--all-unknown", "--json", env=trained["env"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    validation = [c for folder in (trained["data"], extra) for c in SpeechCommands.open(folder).clips
+                  if c.split == "validation"]
+    unknown_clips = [c for c in validation if c.word not in WORDS.split(",")]
+    by_word = report["unknown_by_word"]
+    assert report["per_class"]["_unknown_"]["support"] == len(unknown_clips) == sum(m["support"] for m in by_word.values())
+    assert {"eight", "five", "one", "zero", "bed"} <= set(by_word)  # digits from the extra folder
+    assert report["per_class"]["down"]["support"] == sum(c.word == "down" for c in validation)
+    for m in by_word.values():
+        assert 0 <= m["recall"] <= 1 and m["recall_95ci"][0] <= m["recall"] <= m["recall_95ci"][1]
+
+
 def test_evaluate_flat_folder(trained, tmp_path):
     flat = tmp_path / "flat"
     for folder, src in (("yes", "yes"), ("down", "down"), ("marvin", "marvin"), ("_silence_", None)):
