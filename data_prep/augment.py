@@ -35,6 +35,10 @@ class AugmentConfig:
     reverb_probability: float = 0.0  # share of clips played in a simulated room
     reverb_seconds: float = 0.6  # the longest reverberation time (RT60) drawn
     eq_probability: float = 0.0  # share of clips given a random spectral tilt (another microphone)
+    # Share of word examples (commands and unknown words) cut as a sliding-window detector sees
+    # them: beside a neighbouring word, the window at a random offset, so the word may be partly
+    # outside it; relabelled by where the words' energy falls (see in_stream_context).
+    context_probability: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +132,67 @@ def _at_energy_of(original: np.ndarray, changed: np.ndarray) -> np.ndarray:
     energy = float(np.sum(changed**2))
     scale = np.sqrt(float(np.sum(original**2)) / energy) if energy > 0 else 0.0
     return (changed * scale).astype(np.float32)
+
+
+def _speech_span(wave: np.ndarray, sample_rate: int, within_db: float = 30.0) -> tuple[int, int]:
+    """First and last sample of the 10 ms frames within ``within_db`` of the loudest one."""
+    hop = sample_rate // 100
+    n = len(wave) // hop
+    power = np.mean(np.square(wave[: n * hop].reshape(n, hop), dtype=np.float64), axis=1)
+    loud = np.flatnonzero(power >= power.max() * 10 ** (-within_db / 10)) if power.max() > 0 else np.array([0])
+    return int(loud[0] * hop), int((loud[-1] + 1) * hop)
+
+
+def in_stream_context(
+    waves: np.ndarray, labels: np.ndarray, word_rows: np.ndarray, rng: np.random.Generator, probability: float,
+    is_command: np.ndarray, unknown: int, sample_rate: int = 16000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training windows cut as a detector sliding over a stream sees them.
+
+    waves: [n, samples] one-second clips; labels: [n] label indices; word_rows: indices of the rows
+    holding a word (command or unknown word, not silence); is_command: [num_labels] bool.
+    Each word row, with ``probability``, gets a neighbour (another word row) 50-600 ms before or after
+    its speech, and a one-second window is cut at a random offset that keeps part of the word.
+    Its label then follows the energy: a word with at least half of its energy inside the window
+    names it (a command before an unknown word, the louder of two commands); otherwise (only
+    fragments inside; the window always keeps 100 ms of the word) unknown. Returns new (waves,
+    labels); inputs are unchanged.
+    """
+    out, new_labels = waves.copy(), labels.copy()
+    n = waves.shape[1]
+    if probability <= 0 or len(word_rows) < 2:
+        return out, new_labels
+    for i in word_rows:
+        if rng.random() >= probability:
+            continue
+        j = int(word_rows[int(rng.integers(len(word_rows)))])
+        if j == i:
+            continue
+        a, b = waves[i], waves[j]
+        a0, a1 = _speech_span(a, sample_rate)
+        b0, b1 = _speech_span(b, sample_rate)
+        gap = int(rng.uniform(0.05, 0.6) * sample_rate)
+        # lay both clips on one track: the neighbour's speech starts `gap` after ours ends, or ends `gap` before ours starts
+        shift = (a1 + gap - b0) if rng.random() < 0.5 else (a0 - gap - b1)
+        lo = min(0, shift)
+        length = max(n, shift + n) - lo
+        track_a, track_b = np.zeros(length, np.float32), np.zeros(length, np.float32)
+        track_a[-lo : -lo + n] = a
+        track_b[shift - lo : shift - lo + n] = b
+        # a window that keeps at least 100 ms of our word's speech
+        first = max(0, a0 - lo - n + sample_rate // 10)
+        last = min(length - n, a1 - lo - sample_rate // 10)
+        start = int(rng.integers(first, max(first, last) + 1))
+        inside = slice(start, start + n)
+        energy = []
+        for track, row in ((track_a, i), (track_b, j)):
+            total = float(np.sum(np.square(track, dtype=np.float64)))
+            part = float(np.sum(np.square(track[inside], dtype=np.float64)))
+            energy.append((part / total if total > 0 else 0.0, part, int(labels[row])))
+        named = [(bool(is_command[label]), part, label) for frac, part, label in energy if frac >= 0.5]
+        new_labels[i] = max(named)[2] if named else unknown
+        out[i] = np.clip(track_a[inside] + track_b[inside], -1.0, 1.0)
+    return out, new_labels
 
 
 def augment(

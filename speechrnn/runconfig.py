@@ -41,12 +41,19 @@ class TrainConfig:
     # pushed, through a gradient-reversal layer of this strength (ramped up from 0 over the run),
     # to make it fail. 0 turns it off. The exported model has no such head.
     domain_adversarial: float = 0.0
+    # Running speech with no command in it (folders of recordings of any length, e.g. `speechrnn data
+    # sentences`): each epoch adds negatives_fraction x its examples as one-second windows cut at
+    # random from them, labelled _unknown_. What a detector hears most in a room where people talk.
+    negatives: list[str] = field(default_factory=list)
+    negatives_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.train_only_unknown not in ("sampled", "all"):
             raise ValueError(f"train_only_unknown must be 'sampled' or 'all', not {self.train_only_unknown!r}")
         if self.domain_adversarial < 0:
             raise ValueError("domain_adversarial must be >= 0")
+        if self.negatives_fraction < 0 or (self.negatives_fraction > 0 and not self.negatives):
+            raise ValueError("negatives_fraction must be >= 0, and > 0 only with negatives folders")
 
     def to_dict(self) -> dict:
         return {

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.audio import load_audio
-from data_prep.augment import augment
-from data_prep.dataset import HOLDOUT, NOISE_REGIONS, SILENCE, SPLITS, SpeechCommands
+from data_prep.augment import augment, in_stream_context
+from data_prep.dataset import HOLDOUT, NOISE_REGIONS, SILENCE, SPLITS, UNKNOWN, SpeechCommands
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import WaveformLoader, featurize, progress
 from data_prep.features import mfcc_batched
@@ -90,11 +90,20 @@ class TrainingData:
         for path in dict.fromkeys(noise_files):
             audio = load_audio(path, fc.sample_rate)
             self.noise.append(audio[int(len(audio) * lo) : int(len(audio) * hi)])
+        if (config.augment.context_probability > 0 or config.negatives) and not {SILENCE, UNKNOWN} <= set(self.labels):
+            raise SpeechRNNError("stream context and negatives need both _silence_ and _unknown_ labels "
+                                 "(silence_fraction and unknown_fraction above 0)")
+        self.negatives, self.negatives_real = load_negatives(config.negatives, fc.sample_rate, show_progress)
+        self.is_command = np.array([label in task.words for label in self.labels])
+        self.word_rows = np.flatnonzero(self.train_labels != index[SILENCE]) if SILENCE in index else \
+            np.arange(len(self.train_labels))
         valf = featurize(val, fc, show_progress=show_progress)
         self.val_examples = valf.examples
         self.val_x = valf.features
         self.val_y = np.array([index[ex.label] for ex in valf.examples], np.int32)
-        self.epoch_size = len(self._epoch_indices(np.random.default_rng(0)))
+        examples_per_epoch = len(self._epoch_indices(np.random.default_rng(0)))
+        self.negatives_count = round(config.negatives_fraction * examples_per_epoch) if self.negatives else 0
+        self.epoch_size = examples_per_epoch + self.negatives_count
 
     def _epoch_indices(self, rng: np.random.Generator) -> np.ndarray:
         """All training examples, plus oversampled copies of scarce labels' real clips, shuffled.
@@ -116,10 +125,64 @@ class TrainingData:
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Features, labels and domains (REAL, SYNTHETIC, NO_DOMAIN) of one epoch, deterministic in (seed, epoch)."""
-        rng = np.random.default_rng([self.config.seed, epoch])
+        cfg, rate = self.config, self.config.features.sample_rate
+        rng = np.random.default_rng([cfg.seed, epoch])
         idx = self._epoch_indices(rng)
-        waves = augment(self.train_waves[idx], self.noise, self.config.augment, rng, self.config.features.sample_rate)
-        return mfcc_batched(waves, self.config.features), self.train_labels[idx], self.train_domain[idx]
+        waves, labels, domains = self.train_waves[idx], self.train_labels[idx], self.train_domain[idx]
+        if cfg.augment.context_probability > 0:
+            rows = np.flatnonzero(np.isin(idx, self.word_rows))
+            waves, labels = in_stream_context(waves, labels, rows, rng, cfg.augment.context_probability,
+                                              self.is_command, self.labels.index(UNKNOWN), rate)
+        count = self.negatives_count
+        if count:
+            windows, real = cut_windows(self.negatives, self.negatives_real, count, cfg.features.clip_samples, rng)
+            order = rng.permutation(len(idx) + count)
+            waves = np.concatenate([waves, windows])[order]
+            labels = np.concatenate([labels, np.full(count, self.labels.index(UNKNOWN), np.int32)])[order]
+            domains = np.concatenate([domains, np.where(real, REAL, SYNTHETIC).astype(np.int32)])[order]
+        waves = augment(waves, self.noise, cfg.augment, rng, rate)
+        return mfcc_batched(waves, cfg.features), labels, domains
+
+
+def load_negatives(folders: list[str], sample_rate: int, show_progress: bool = True
+                   ) -> tuple[list[np.ndarray], list[bool]]:
+    """Every audio file under the folders (recordings with no command in them), and whether each is
+    real speech (a folder without a synth.json record) rather than synthetic."""
+    from data_prep.dataset import AUDIO_EXTENSIONS
+
+    waves, real = [], []
+    for folder in folders:
+        root = Path(folder)
+        if not root.is_dir():
+            raise SpeechRNNError("not a folder of running speech (negatives)", root)
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
+                       and not p.name.startswith("."))
+        if not files:
+            raise SpeechRNNError("no audio files here (negatives: recordings with no command in them)", root)
+        synthetic = (root / "synth.json").exists()
+        with progress(files, f"loading negatives from {root.name}", show_progress) as bar:
+            for path in bar:
+                try:
+                    waves.append(load_audio(path, sample_rate))
+                    real.append(not synthetic)
+                except SpeechRNNError as err:
+                    log.warning("skipped: %s", err)
+    return waves, real
+
+
+def cut_windows(recordings: list[np.ndarray], real: list[bool], count: int, length: int, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` windows of ``length`` samples at random places in the recordings (chosen in
+    proportion to their length; shorter ones are zero-padded), and whether each came from real speech."""
+    sizes = np.array([max(1, len(r) - length + 1) for r in recordings], np.float64)
+    picks = rng.choice(len(recordings), size=count, p=sizes / sizes.sum())
+    out = np.zeros((count, length), np.float32)
+    for k, r in enumerate(picks):
+        rec = recordings[r]
+        start = int(rng.integers(0, max(1, len(rec) - length + 1)))
+        piece = rec[start : start + length]
+        out[k, : len(piece)] = piece
+    return out, np.array([real[r] for r in picks], bool)
 
 
 def _cap_per_label(examples, cap, seed):

@@ -55,4 +55,8 @@ def make_train_config(recipe, data, train_only, words, no_augment, options: dict
     for key, value in options.items():
         if value is not None:
             setattr(config, key, value)
+    try:
+        config.__post_init__()
+    except ValueError as exc:
+        raise SpeechRNNError(str(exc)) from None
     return config

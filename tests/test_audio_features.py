@@ -211,3 +211,50 @@ def test_mfcc_equals_librosa_feature_mfcc(shared_data, config):
     ours = mfcc(waves, config)
     assert ours.shape == (4, config.num_frames, config.n_mfcc)
     np.testing.assert_allclose(ours, librosa_reference_mfcc(waves, config), rtol=0, atol=5e-3)
+
+
+def test_stream_context_windows_follow_the_energy(shared_data):
+    """Words cut as a sliding detector sees them: beside a neighbour, at a random offset. The label
+    follows where the energy falls: the command, the neighbour command, or unknown for fragments."""
+    from data_prep.augment import in_stream_context
+
+    # labels: 0 _silence_, 1 _unknown_, 2 yes, 3 no
+    clips = [sorted((shared_data / w).glob("*.flac"))[k] for w, k in (("yes", 0), ("no", 0), ("bed", 0), ("yes", 5))]
+    waves = np.stack([fix_length(load_audio(p), 16000) for p in clips])
+    labels = np.array([2, 3, 1, 2])
+    is_command = np.array([False, False, True, True])
+    seen = {}
+    for seed in range(150):
+        out, new = in_stream_context(waves, labels, np.arange(4), np.random.default_rng(seed), 1.0, is_command, 1)
+        assert out.shape == waves.shape and np.all(np.abs(out) <= 1.0)
+        for row in range(4):
+            seen.setdefault(row, set()).add(int(new[row]))
+    again = in_stream_context(waves, labels, np.arange(4), np.random.default_rng(7), 1.0, is_command, 1)
+    first = in_stream_context(waves, labels, np.arange(4), np.random.default_rng(7), 1.0, is_command, 1)
+    np.testing.assert_array_equal(again[0], first[0])
+    # a command keeps its label when most of it is inside, and becomes unknown when only a fragment is;
+    # a neighbouring command can take the window; a window always holds speech, so never silence
+    assert {2, 1} <= seen[0] and 0 not in seen[0]
+    assert {3, 1} <= seen[1] and seen[1] <= {1, 2, 3}
+    assert seen[2] <= {1, 2, 3} and 1 in seen[2]  # the unknown word: unknown unless a command takes over
+    assert labels.tolist() == [2, 3, 1, 2]  # inputs untouched
+    none = in_stream_context(waves, labels, np.arange(4), np.random.default_rng(0), 0.0, is_command, 1)
+    np.testing.assert_array_equal(none[0], waves)
+
+
+def test_negative_windows_are_cut_from_the_recordings():
+    from speechrnn.train import cut_windows
+
+    rng = np.random.default_rng(0)
+    recordings = [rng.standard_normal(40000).astype(np.float32), rng.standard_normal(9000).astype(np.float32)]
+    windows, real = cut_windows(recordings, [True, False], 50, 16000, np.random.default_rng(3))
+    assert windows.shape == (50, 16000)
+    for w, is_real in zip(windows, real, strict=True):
+        if is_real:  # a slice of the long recording
+            starts = np.flatnonzero(recordings[0][:24001] == w[0])
+            assert any(np.array_equal(w, recordings[0][s : s + 16000]) for s in starts)
+        else:  # the short one, zero-padded
+            np.testing.assert_array_equal(w[:9000], recordings[1])
+            assert not w[9000:].any()
+    again, _ = cut_windows(recordings, [True, False], 50, 16000, np.random.default_rng(3))
+    np.testing.assert_array_equal(again, windows)
