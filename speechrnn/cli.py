@@ -451,6 +451,34 @@ def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, sm
 
 
 @main.command()
+@click.argument("model", required=False, type=click.Path())
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to create.")
+@click.option("--from", "folders", multiple=True, type=click.Path(file_okay=False),
+              help="Folder of recordings with no command (e.g. from `data sentences`); repeatable.")
+@click.option("--from-dataset", "datasets", multiple=True, type=click.Path(file_okay=False),
+              help="Dataset folder: its training-split clips of words outside the model's task; repeatable.")
+@click.option("--minutes", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Length of the stream built from each source.")
+@click.option("--noise-from", type=click.Path(file_okay=False), default=None,
+              help="Dataset whose _background_noise_ (training part) is mixed in at 10-25 dB SNR.")
+@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Every command's threshold while mining (lower than listen's catches near misses too).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@_report_errors
+def mine(model, out, folders, datasets, minutes, noise_from, threshold, seed) -> None:
+    """Hard negatives: windows MODEL fires on in command-free streams, as clips in OUT/mined/.
+
+    Train on them with `speechrnn train ... --negatives OUT`; mine again with the new model.
+    """
+    from speechrnn.mining import mine_negatives
+
+    summary = mine_negatives(model, out, list(folders), list(datasets), minutes, noise_from, threshold=threshold,
+                             seed=seed)
+    click.echo(json.dumps(summary))
+    _fast_exit(0)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True)
 @_report_errors
 def devices(as_json: bool) -> None:
