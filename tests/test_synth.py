@@ -151,3 +151,46 @@ def test_on_and_off_are_spoken_in_the_vowels_people_use():
     assert {s.text for s in plain} == {""}  # espeak-ng reads the word itself
     # same voices and settings for the first clip: plain only skips the extra draws
     assert (plain[0].voice, plain[0].speed, plain[0].pitch) == (specs[0].voice, specs[0].speed, specs[0].pitch)
+
+
+def test_no_command_sentences_and_their_synthesis(tmp_path):
+    """Everyday sentences with no command, no inflection and no homophone of one, spoken whole."""
+    import json
+
+    from data_prep.sentences import contains_command, no_command_sentences
+
+    texts = no_command_sentences(400, seed=2)
+    assert len(set(texts)) == 400 and texts == no_command_sentences(400, seed=2)
+    assert all(5 <= len(t.split()) <= 12 and not contains_command(t) for t in texts)
+    assert any(t.endswith("?") for t in texts) and any(t.endswith(".") for t in texts)
+    for bad in ("Turn it on now.", "She left early.", "I know that song.", "Going home?", "Stopped the car."):
+        assert contains_command(bad), bad
+    out = tmp_path / "talk"
+    result = run_cli("data", "sentences", "--out", str(out), "--count", "3", "--engine", "espeak", "--seed", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((out / "synth.json").read_text())
+    assert [c["text"] for c in record["clips"]] == texts[:3]
+    for clip in record["clips"]:
+        audio = load_audio(out / "sentences" / clip["name"])
+        assert len(audio) / 16000 > 0.15 * len(clip["text"].split())  # the whole sentence, not a cut
+    assert record["audio_seconds"] > 5
+
+
+def test_synthesis_recipe_makes_each_set_once(tmp_path):
+    import json
+
+    recipe = tmp_path / "synth.json"
+    recipe.write_text(json.dumps({"sets": {"cmd": {"engine": "espeak", "words": ["yes", "go"], "per_word": 2, "seed": 1},
+                                           "unk": {"engine": "espeak", "vocabulary": "unknown", "per_word": 1,
+                                                   "seed": 2}}}))
+    out = tmp_path / "sets"
+    first = run_cli("data", "synth", "--recipe", str(recipe), "--out", str(out))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert len(list((out / "cmd").glob("[a-z]*/*.wav"))) == 4 and len(list((out / "unk").glob("[a-z]*/*.wav"))) >= 400
+    before = _files(out)
+    again = run_cli("data", "synth", "--recipe", str(recipe), "--out", str(out))
+    assert again.returncode == 0 and "cmd: already complete" in again.stderr and _files(out) == before
+    recipe.write_text(json.dumps({"sets": {"cmd": {"engine": "espeak", "words": ["yes", "go"], "per_word": 3,
+                                                   "seed": 1}}}))
+    changed = run_cli("data", "synth", "--recipe", str(recipe), "--out", str(out))
+    assert changed.returncode == 1 and "made with other settings" in changed.stderr
