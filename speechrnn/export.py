@@ -174,6 +174,21 @@ def training_summary(run_dir: Path) -> dict:
             "best_val_accuracy": state["best_val_accuracy"], "finished": False}
 
 
+FOLDER_KEYS = ("data", "train_only", "negatives")
+
+
+def portable(training: dict) -> dict:
+    """The training record with data folders named, not located: an export must not carry the
+    training machine's absolute paths (``/home/me/data/speech_commands`` -> ``speech_commands``)."""
+    out = dict(training)
+    for key in FOLDER_KEYS:
+        if isinstance(out.get(key), list):
+            out[key] = [Path(p).name for p in out[key]]
+    if isinstance(out.get("run_config"), dict):
+        out["run_config"] = portable(out["run_config"])
+    return out
+
+
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str = "best") -> Path:
     """Export a run folder's best (default) or last checkpoint."""
     return export_runs([run_dir], out, checkpoint)
@@ -225,7 +240,7 @@ def export_runs(run_dirs: list, out: str | os.PathLike, checkpoint: str = "best"
     members = [model_from_run(r, checkpoint) for r in run_dirs]
     labels = config.task.labels
     described = [{**c.model.to_dict(), "name": c.model.name, "parameters": int(m.count_params())} for c, m in members]
-    trained = [{**training_summary(r), "checkpoint": checkpoint, "run_config": c.to_dict()}
+    trained = [portable({**training_summary(r), "checkpoint": checkpoint, "run_config": c.to_dict()})
                for r, (c, _) in zip(run_dirs, members, strict=True)]
     if len(members) == 1:
         model, model_meta, training = members[0][1], described[0], trained[0]

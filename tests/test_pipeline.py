@@ -68,6 +68,9 @@ def test_export_contract(trained):
     meta = json.loads((export / "assets" / "speechrnn.json").read_text())
     assert meta["features"] == FeatureConfig().to_dict() and meta["labels"] == labels
     assert meta["training"]["best_epoch"] >= 1 and meta["metrics"]["validation"]["accuracy"] > 0
+    # data folders are named, never located: no path of the training machine in the export
+    assert meta["training"]["data"] == meta["training"]["run_config"]["data"] == ["speech_commands"]
+    assert str(trained["data"].parent) not in (export / "assets" / "speechrnn.json").read_text()
     shown = subprocess.run([str(Path(sys.executable).parent / "saved_model_cli"), "show", "--dir", str(export), "--all"],
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr[-2000:]
