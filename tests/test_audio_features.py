@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -211,3 +213,28 @@ def test_mfcc_equals_librosa_feature_mfcc(shared_data, config):
     ours = mfcc(waves, config)
     assert ours.shape == (4, config.num_frames, config.n_mfcc)
     np.testing.assert_allclose(ours, librosa_reference_mfcc(waves, config), rtol=0, atol=5e-3)
+
+
+def yes_clip(shared_data) -> np.ndarray:
+    return fix_length(load_audio(sorted((shared_data / "yes").iterdir())[0]), 16000)
+
+
+def test_mfcc_is_finite_for_any_finite_input(shared_data):
+    """float32 power spectra overflow from about 1e17 in amplitude; the features must not, and a louder
+    copy of a clip must give the same features with the level (c0) raised by exactly its gain."""
+    config = FeatureConfig()
+    clip = yes_clip(shared_data)
+    reference = mfcc(clip, config)
+    for scale in (32767, 1e15, 1e20, 1e30, float(np.finfo(np.float32).max) / float(np.abs(clip).max())):
+        loud = (clip.astype(np.float64) * scale).astype(np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no overflow or invalid-value warnings either
+            feats = mfcc(loud, config)
+            batch = mfcc(np.stack([clip, loud, np.zeros_like(clip)]), config)
+        assert np.all(np.isfinite(feats)) and np.all(np.isfinite(batch)), scale
+        np.testing.assert_allclose(feats[:, 1:], reference[:, 1:], atol=1e-3)
+        # c0 of the orthonormal DCT is the sum of the log-mel bands / sqrt(n_mels)
+        gain_db = 20 * np.log10(np.float64(loud[np.argmax(np.abs(clip))]) / clip[np.argmax(np.abs(clip))])
+        np.testing.assert_allclose(feats[:, 0] - reference[:, 0], gain_db * np.sqrt(config.n_mels), rtol=1e-5)
+        np.testing.assert_allclose(batch[0], reference, atol=1e-3)  # the quiet rows are untouched by the loud one
+        np.testing.assert_allclose(batch[2], mfcc(np.zeros_like(clip), config), atol=1e-3)
