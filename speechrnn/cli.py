@@ -74,13 +74,18 @@ def data_stats(folder: str, as_json: bool, by_word: bool, task_words: str | None
     By default the labels are the task's (10 commands, _silence_, _unknown_) as training sees
     them; --words counts the raw clips of every word.
     """
+    from data_prep.dataset import COMMANDS, TaskConfig
     from data_prep.stats import dataset_stats
 
-    table = dataset_stats(folder, task_words.split(",") if task_words else None, by_word)
+    words = task_words.split(",") if task_words else None
+    table = dataset_stats(folder, words, by_word)
     if as_json:
         click.echo(json.dumps(table, indent=2))
         return
-    labels = sorted({label for counts in table.values() for label in counts})
+    labels = {label for counts in table.values() for label in counts}
+    if not by_word:  # the task's labels too, so a word without clips shows as a row of zeros
+        labels |= set(TaskConfig(tuple(words) if words else COMMANDS).labels)
+    labels = sorted(labels)
     splits = list(table)
     width = max([len(x) for x in labels] + [5])
     click.echo(f"{'label':<{width}}  " + "  ".join(f"{s:>10}" for s in splits))

@@ -27,7 +27,7 @@ import numpy as np
 
 from data_prep.audio import load_audio
 from data_prep.augment import augment
-from data_prep.dataset import HOLDOUT, NOISE_REGIONS, SPLITS, SpeechCommands
+from data_prep.dataset import HOLDOUT, NOISE_REGIONS, SPLITS, SpeechCommands, words_without_clips
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import WaveformLoader, featurize, progress
 from data_prep.features import mfcc_batched
@@ -115,6 +115,19 @@ class TrainingData:
         idx = self._epoch_indices(rng)
         waves = augment(self.train_waves[idx], self.noise, self.config.augment, rng, self.config.features.sample_rate)
         return mfcc_batched(waves, self.config.features), self.train_labels[idx]
+
+
+def check_words_have_clips(config: TrainConfig) -> None:
+    """Refuse, before anything is loaded or written, a task word that no folder has training clips
+    of (a typo in --words, an empty word folder): the model would get an output that never saw an
+    example. Raises SpeechRNNError naming the words and the nearest ones the folders do have."""
+    folders = [*config.data, *config.train_only]
+    problem = words_without_clips(config.task, [SpeechCommands.open(f) for f in config.data],
+                                  [SpeechCommands.open(f) for f in config.train_only])
+    if problem:
+        where = "" if len(folders) == 1 else f" in {', '.join(map(str, folders))}"
+        raise SpeechRNNError(f"{problem}{where}; every word of --words needs clips in its own <word>/ folder",
+                             folders[0] if len(folders) == 1 else None)
 
 
 def _cap_per_label(examples, cap, seed):
@@ -265,6 +278,7 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
+        check_words_have_clips(self.config)  # before TensorFlow loads and the run folder is made
         import_tf()
         import keras
 

@@ -100,3 +100,12 @@ def test_killed_export_leaves_nothing_that_looks_complete(runs, tmp_path):
     refused = run_cli("export", str(runs["unbroken"]), str(other))
     assert refused.returncode == 1 and "not a speechrnn export" in refused.stderr
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_a_word_without_training_clips_is_refused_before_training(tmp_path, shared_data):
+    result = run_cli("train", "--data", str(shared_data), "--out", str(tmp_path / "run"), "--words", "yes,noo")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: {shared_data}: no training clips of 'noo' (did you mean 'no'?); every word of --words needs clips "
+        "in its own <word>/ folder"]
+    assert not (tmp_path / "run").exists()  # nothing written: the same command works once the typo is fixed
