@@ -1,4 +1,10 @@
-"""The `speechrnn` command: parses arguments and calls library functions, nothing else."""
+"""The `speechrnn` command: parses arguments and calls library functions, nothing else.
+
+Exit status, for every command: 0 all fine; 1 some input failed (each failure is one
+`error: <file>: <reason>` line on stderr; a batch goes on with the other inputs and its output
+covers them); 2 bad usage. The library reports an input it had to leave out (an unreadable clip
+in `evaluate`, `train`, `export`) with logging.error; any such line makes the exit status 1.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,25 @@ import sys
 import click
 
 from data_prep.errors import SpeechRNNError
+
+
+class _ErrorCount(logging.Handler):
+    """Counts the error lines logged: each is an input that failed (see the module docstring)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+_errors = _ErrorCount()
+
+
+def _status(failed: int = 0) -> int:
+    """0, or 1 when an input failed here (``failed``) or was reported failed by the library."""
+    return 1 if failed or _errors.count else 0
 
 
 def _fast_exit(status: int) -> None:
@@ -50,10 +75,16 @@ def main(verbose: bool) -> None:
     Train on a Speech Commands-style folder, evaluate, export a TensorFlow SavedModel, classify
     audio files and listen to the microphone.
     """
+    # File names are printed as the bytes they are: one that is not valid UTF-8 (kept by Python as
+    # surrogate escapes) would otherwise end the command with UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_WarningFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    _errors.count = 0
+    root.handlers[:] = [handler, _errors]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
@@ -173,11 +204,15 @@ def train(data, train_only, out, config_file, resume, words, export_dir, no_augm
             raise click.UsageError("give --data DIR (or a --config recipe that names its data)")
         config = make_train_config(config_file, data, train_only, words, no_augment, options)
         trainer = Trainer(config, out, report=report)
-    trainer.run(resume=resume)
+    summary = trainer.run(resume=resume)
+    if summary["skipped"]:
+        click.echo(f"trained without {len(summary['skipped'])} unreadable clips (named above; listed in "
+                   f"{out}/summary.json)", err=True)
     if export_dir:
         from speechrnn.export import export_run
 
         click.echo(f"exported: {export_run(out, export_dir)}", err=True)
+    sys.exit(_status())
 
 
 def _parse_thresholds(ctx, param, values: tuple[str, ...]) -> tuple[float | None, dict[str, float]]:
@@ -217,6 +252,7 @@ def export(run_dirs: tuple[str, ...], out: str, checkpoint: str, thresholds) -> 
     path = export_runs(list(run_dirs), out, checkpoint, label_thresholds=thresholds[1])
     what = run_dirs[0] if len(run_dirs) == 1 else f"the mean of {', '.join(run_dirs)}"
     click.echo(f"exported {what} ({checkpoint} checkpoint) to {path}")
+    sys.exit(_status())  # 1 when validation clips for its metrics could not be read
 
 
 @main.command()
@@ -236,11 +272,11 @@ def evaluate(model: str, data: str, split: str, as_json: bool, plot: str | None)
     from speechrnn.evaluate import evaluate as run_evaluation
     from speechrnn.evaluate import format_report, plot_confusion
 
-    report = run_evaluation(model, data, split)
+    report = run_evaluation(model, data, split)  # each unreadable clip: an `error:` line, and exit status 1
     if plot:
         plot_confusion(report, plot)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
-    _fast_exit(0)
+    click.echo(json.dumps(report, indent=2, allow_nan=False) if as_json else format_report(report))
+    _fast_exit(_status())
 
 
 @main.command()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from data_prep.dataset import HOLDOUT, SPLITS, SpeechCommands, TaskConfig, flat_
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import WaveformLoader
 from speechrnn.recognizer import Recognizer
-
-log = logging.getLogger(__name__)
 
 # What --split selects in a dataset folder. "unseen": every clip the model's own recipe kept out
 # of training (validation, testing and the held-out scarce-word speakers).
@@ -74,12 +71,13 @@ def evaluation_examples(data: str | os.PathLike, labels: list[str], task: TaskCo
 
 def evaluate(model_dir: str | os.PathLike | None, data: str | os.PathLike, split: str = "testing",
              recognizer: Recognizer | None = None) -> dict:
+    """Score MODEL on the clips of DATA (see evaluation_examples) -> the report (metrics_from_predictions
+    plus model, data, split and ``skipped``: "<file>: <reason>" of each clip that could not be read,
+    which is also logged as an error and left out of the figures)."""
     rec = recognizer or Recognizer(model_dir)
     task = TaskConfig.from_dict(rec.meta["task"]) if "task" in rec.meta else TaskConfig()
     examples = evaluation_examples(data, rec.labels, task, split)
-    waves, kept, errors = WaveformLoader(rec.features).load_many(examples)
-    for err in errors:
-        log.warning("skipped: %s", err)
+    waves, kept, errors = WaveformLoader(rec.features).load_many(examples)  # logs each unreadable clip
     if not kept:
         raise SpeechRNNError("none of the files could be read", data)
     probs = rec.probabilities(waves)
@@ -133,5 +131,5 @@ def format_report(report: dict) -> str:
         ci = f"{m['recall_95ci'][0]:.2f}-{m['recall_95ci'][1]:.2f}" if m["recall_95ci"] else ""
         lines.append(f"{label:<12}{m['support']:>8}{prec:>11}{rec:>8}   {ci}")
     if report.get("skipped"):
-        lines.append(f"skipped {len(report['skipped'])} unreadable files")
+        lines.append(f"left out {len(report['skipped'])} unreadable files (named on stderr)")
     return "\n".join(lines)

@@ -72,9 +72,8 @@ class TrainingData:
             )
         self.labels = task.labels
         index = {label: i for i, label in enumerate(self.labels)}
+        # Unreadable clips are left out, each logged as an error; the run goes on (and the CLI exits 1).
         waves, kept, errors = WaveformLoader(fc).load_many(train, "loading training audio" if show_progress else None)
-        for err in errors:
-            log.warning("skipped: %s", err)
         self.train_examples = [train[i] for i in kept]
         self.train_waves = waves
         self.train_labels = np.array([index[ex.label] for ex in self.train_examples], np.int32)
@@ -86,6 +85,7 @@ class TrainingData:
             audio = load_audio(path, fc.sample_rate)
             self.noise.append(audio[int(len(audio) * lo) : int(len(audio) * hi)])
         valf = featurize(val, fc, show_progress=show_progress)
+        self.skipped = [str(err) for err in [*errors, *valf.errors]]
         self.val_examples = valf.examples
         self.val_x = valf.features
         self.val_y = np.array([index[ex.label] for ex in valf.examples], np.int32)
@@ -395,6 +395,7 @@ class Trainer:
             "val_clips": len(data.val_examples),
             "data": cfg.data,
             "train_only": cfg.train_only,
+            "skipped": data.skipped,  # "<file>: <reason>" of every clip that could not be read (left out)
             "grad_norm_max": max(r["grad_norm_max"] for r in state["history"]) if state["history"] else None,
             "seconds_this_session": round(time.time() - started, 1),
         }

@@ -195,6 +195,21 @@ def test_evaluate_flat_folder(trained, tmp_path):
     report = json.loads(result.stdout)
     assert report["examples"] == 10
     assert report["per_class"]["_unknown_"]["support"] == 3 and report["per_class"]["_silence_"]["support"] == 1
+    assert report["skipped"] == [] and result.stderr == ""
+
+    # Two clips that cannot be read: the report covers the other ten, each failure is one line, exit 1.
+    (flat / "yes" / "empty.wav").write_bytes(b"")
+    (flat / "down" / "notes.wav").write_text("not audio\n" * 20)
+    for args in (["--json"], []):
+        result = run_cli("evaluate", str(trained["export"]), str(flat), *args)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert sorted(result.stderr.splitlines()) == [
+            f"error: {flat / 'down' / 'notes.wav'}: cannot decode audio (Format not recognised)",
+            f"error: {flat / 'yes' / 'empty.wav'}: cannot decode audio (Format not recognised)"]
+    assert "accuracy" in result.stdout and "left out 2 unreadable files (named on stderr)" in result.stdout
+    report = json.loads(run_cli("evaluate", str(trained["export"]), str(flat), "--json").stdout)
+    assert report["examples"] == 10 and len(report["skipped"]) == 2
 
 
 def _bad_files(tmp: Path) -> dict[str, Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -100,6 +101,35 @@ def test_killed_export_leaves_nothing_that_looks_complete(runs, tmp_path):
     refused = run_cli("export", str(runs["unbroken"]), str(other))
     assert refused.returncode == 1 and "not a speechrnn export" in refused.stderr
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_unreadable_clips_are_named_left_out_and_exit_1(tmp_path, shared_data):
+    """One rule for inputs that fail (README, "Exit status"): a dataset with two unreadable clips
+    trains on the rest, names each on one `error:` line, records them in summary.json, exits 1."""
+    from data_prep.dataset import split_by_hash
+
+    data = tmp_path / "data"
+    for word in ("yes", "no", "bed"):
+        (data / word).mkdir(parents=True)
+        for src in sorted((shared_data / word).iterdir())[:40]:
+            (data / word / src.name).symlink_to(src)
+    (data / "_background_noise_").mkdir()
+    for src in sorted((shared_data / "_background_noise_").glob("*_noise.flac")):
+        (data / "_background_noise_" / src.name).symlink_to(src)
+    broken = [n for n in (f"{i:08x}_nohash_0.wav" for i in range(100)) if split_by_hash(n) == "training"][:2]
+    (data / "yes" / broken[0]).write_bytes(b"")
+    (data / "no" / broken[1]).write_text("not audio\n" * 10)
+    run = tmp_path / "run"
+    result = run_cli("train", "--data", str(data), "--out", str(run), "--words", "yes,no", "--units", "8", "--layers",
+                     "1", "--epochs", "1", "--batch-size", "16", "--no-augment", env={"SPEECHRNN_CACHE": str(tmp_path / "c")})
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert errors == [f"error: {data / 'no' / broken[1]}: cannot decode audio (Format not recognised)",
+                      f"error: {data / 'yes' / broken[0]}: cannot decode audio (Format not recognised)"]
+    assert "Traceback" not in result.stderr and "trained without 2 unreadable clips" in result.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(summary["skipped"]) == [e.removeprefix("error: ") for e in errors]
+    assert summary["epochs_run"] == 1 and (run / "checkpoints" / "best.npz").exists()
 
 
 def test_a_word_without_training_clips_is_refused_before_training(tmp_path, shared_data):
