@@ -18,7 +18,7 @@ from data_prep.audio import load_audio
 from data_prep.dataset import SILENCE
 from data_prep.errors import SpeechRNNError
 from data_prep.features import FeatureConfig
-from speechrnn.export import FORMAT, META_FILE, XLA_DIR
+from speechrnn.export import FORMAT, META_FILE, XLA_DIR, check_export_graph
 from speechrnn.tfutil import import_tf
 
 BATCH = 64
@@ -34,6 +34,8 @@ def default_model_dir() -> Path:
 
 
 def read_metadata(model_dir: str | os.PathLike) -> dict:
+    """An export's metadata (assets/speechrnn.json), once its graphs are checked to be the ones it
+    describes (speechrnn.export.check_export_graph; no TensorFlow needed). Raises SpeechRNNError."""
     model_dir = Path(model_dir)
     meta_path = model_dir / "assets" / META_FILE
     if not model_dir.exists():
@@ -47,6 +49,7 @@ def read_metadata(model_dir: str | os.PathLike) -> dict:
         raise SpeechRNNError(f"damaged model metadata ({exc})", meta_path) from None
     if meta.get("format") != FORMAT:
         raise SpeechRNNError("not a speechrnn export (unknown metadata format)", model_dir)
+    check_export_graph(model_dir, meta)
     return meta
 
 
