@@ -286,33 +286,74 @@ def evaluate(model: str, data: str, split: str, as_json: bool, plot: str | None)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
 @_report_errors
 def classify(inputs: tuple[str, ...], model_opt: str | None, top_k: int, as_json: bool) -> None:
-    """Classify audio FILEs (any rate, channels, WAV/FLAC/OGG) with MODEL (default models/default).
+    """Classify audio FILEs (any rate, channels, length; WAV/FLAC/OGG) with MODEL (default models/default).
 
     A file longer than one second is scored in 1 s windows every 100 ms; the answer is the
-    window with the highest score for a class other than _silence_. Exit status 1 if any file
-    failed.
+    window with the highest score for a class other than _silence_. Long files are read a few
+    seconds at a time (progress on a terminal). Exit status 1 if any file failed.
     """
-    from speechrnn.recognizer import Recognizer
+    from data_prep.audio import check_path
+    from speechrnn.recognizer import FileResult, Recognizer
 
     model, files = model_opt, list(inputs)
     if model is None and len(files) > 1 and _looks_like_model(files[0]):
         model, files = files[0], files[1:]
-    rec = Recognizer(model)
+    if model is None and len(files) == 1 and _looks_like_model(files[0]):
+        raise click.UsageError(f"{files[0]} is a model folder: give the audio files to classify after it "
+                               "(speechrnn classify MODEL FILE...)")
+    results = []
+    for path in files:  # path problems first: no TensorFlow start-up to say that nothing can be read
+        try:
+            check_path(path)
+        except SpeechRNNError as err:
+            results.append(FileResult(path, error=err.reason))
+    if len(results) < len(files):
+        show = _FileProgress() if sys.stderr.isatty() else None
+        results = Recognizer(model).classify_files(files, top_k, progress=show)
+        if show is not None:
+            show.clear()
     failed = 0
-    for result in rec.classify_files(files, top_k):
+    for result in results:
         if result.error is not None:
             failed += 1
             if as_json:
-                click.echo(json.dumps(result.to_json()))
+                click.echo(json.dumps(result.to_json(), allow_nan=False))
             else:
                 click.echo(f"error: {result.path}: {result.error}", err=True)
             continue
         if as_json:
-            click.echo(json.dumps(result.to_json()))
+            click.echo(json.dumps(result.to_json(), allow_nan=False))
         else:
             others = "  ".join(f"{label} {p:.3f}" for label, p in result.top[1:])
             click.echo(f"{result.path}\t{result.label}\t{result.score:.3f}" + (f"\t({others})" if others else ""))
-    _fast_exit(1 if failed else 0)
+    _fast_exit(_status(failed))
+
+
+LONG_FILE_SECONDS = 60.0  # classify shows its progress through files at least this long
+
+
+class _FileProgress:
+    """`classifying NAME: 12:00 of 1:00:00 (20%)` on one terminal line, for long files."""
+
+    def __init__(self):
+        self.shown = False
+
+    def __call__(self, path: str, done: float, total: float) -> None:
+        if total < LONG_FILE_SECONDS:
+            return
+        line = f"classifying {path}: {_clock(done)} of {_clock(total)} ({min(1.0, done / total):.0%})"
+        click.echo("\r" + line[-79:].ljust(79), nl=False, err=True)
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            click.echo("\r" + " " * 79 + "\r", nl=False, err=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 def _looks_like_model(path: str) -> bool:
