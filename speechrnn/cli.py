@@ -390,11 +390,12 @@ def info(model: str | None, as_json: bool) -> None:
 def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, smoothing_ms, refractory_ms, as_json):
     """Recognise commands live from the microphone (or --input FILE) with MODEL [models/default].
 
-    Prints one line per detection; Ctrl-C stops with a short summary (exit 0).
+    Prints one line per detection; Ctrl-C stops with a short summary (exit 0). When the input
+    ends (the file, --duration, Ctrl-C) the audio heard so far is scored to the end, so a command
+    in the last second is reported too.
     """
     import dataclasses
 
-    from data_prep.audio import check_path
     from speechrnn.microphone import (
         ListenStats,
         check_input_device,
@@ -414,8 +415,9 @@ def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, sm
     config = dataclasses.replace(StreamConfig(), **changes)
     # Cheap checks first: a wrong model, device or file should not wait for TensorFlow to load.
     read_metadata(model or default_model_dir())
+    stats = ListenStats()
     if input_file:
-        check_path(input_file)
+        source = file_chunk_source(input_file, realtime=realtime, duration=duration)  # opens the file
     else:
         check_input_device(device)
     try:
@@ -423,10 +425,7 @@ def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, sm
     except KeyboardInterrupt:
         click.echo("stopped before listening began", err=True)
         sys.exit(0)
-    stats = ListenStats()
-    if input_file:
-        source = file_chunk_source(input_file, realtime=realtime, duration=duration)
-    else:
+    if not input_file:
         source = microphone_chunks(device, stats=stats, duration=duration)
     interactive = sys.stderr.isatty() and not as_json
 

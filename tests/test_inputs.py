@@ -1,16 +1,18 @@
 """Inputs people really have (issue 17): real clips from ../shared transformed the way users' files
 go wrong, through the shipped model (read-only) and the real CLI: samples far outside [-1, 1],
-long recordings, file names that are not UTF-8, truncated files, link loops, a model folder
-given without files."""
+long recordings, a word at the very end of a stream (file end and Ctrl-C), file names that are
+not UTF-8, truncated files, link loops, a model folder given without files."""
 
 from __future__ import annotations
 
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from data_prep.audio import fix_length, load_audio
 
 MODEL = REPO / "models" / "default"
@@ -163,3 +165,73 @@ def test_long_recordings_in_bounded_memory(recognizer, clips, tmp_path):
     done = [done for path, done, total in progress if path.endswith("96s.wav")]
     assert len(done) >= 10 and done == sorted(done) and done[-1] == pytest.approx(96.0)
     assert all(total == pytest.approx(96.0) for path, _, total in progress if path.endswith("96s.wav"))
+
+
+def word_at_the_end(clips) -> np.ndarray:
+    """1 s of faint noise, then a real "yes" that the input ends with (1.98 s in all)."""
+    return with_word(clips, 1.98, 1.0)
+
+
+def test_a_word_at_the_very_end_of_a_file_is_detected(clips, tmp_path):
+    """The file ends while "yes" is still being said: the detector finishes scoring what it has
+    (before, nothing was detected without another second of quiet)."""
+    path = tmp_path / "end.wav"
+    sf.write(path, word_at_the_end(clips), 16000)
+    result = run_cli("listen", str(MODEL), "--input", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    detections = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(d["label"], d["time"]) for d in detections] == [("yes", 1.98)]  # stamped at the end of the input
+    assert "listened 2.0s: 1 detections (yes)" in result.stderr
+
+
+def test_a_word_just_before_ctrl_c_is_detected(recognizer, clips):
+    """Ctrl-C (a real SIGINT) while the listener waits for audio, or while it is scoring: it ends
+    cleanly, with every chunk it was given scored and the word said just before it reported."""
+    from speechrnn.microphone import detector_for, run_listener
+    from speechrnn.streaming import StreamConfig
+
+    audio = word_at_the_end(clips)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as when run from a terminal
+    try:
+        for when in ("waiting", "scoring"):
+            detector = detector_for(recognizer, StreamConfig())
+            score, ended = detector.score_fn, []
+
+            def interrupting_score(window, score=score, ended=ended, when=when):
+                if when == "scoring" and ended and len(ended) == 1:
+                    ended.append("sent")
+                    os.kill(os.getpid(), signal.SIGINT)  # held until this chunk is done
+                return score(window)
+
+            detector.score_fn = interrupting_score
+
+            def microphone(ended=ended, when=when):
+                for start in range(0, len(audio) - 8000, 800):  # 50 ms chunks, then the last 0.5 s at once
+                    yield audio[start : min(start + 800, len(audio) - 8000)]
+                ended.append("last")
+                yield audio[len(audio) - 8000 :]
+                if when == "waiting":
+                    os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(60)  # no more audio comes; Ctrl-C must end the wait
+                pytest.fail(f"SIGINT ({when}) did not stop the listener")
+
+            found = []
+            stats = run_listener(detector, microphone(), found.append)
+            assert [(d.label, round(d.time, 3)) for d in found] == [("yes", 1.98)], when
+            assert stats.seconds == pytest.approx(len(audio) / 16000), when  # no chunk cut short
+            if when == "scoring":
+                assert ended == ["last", "sent"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_listen_refuses_out_of_range_audio_and_names_a_bad_file_once(files):
+    loud = run_cli("listen", str(MODEL), "--input", str(files["loud"]))
+    assert loud.returncode == 1
+    assert loud.stderr.splitlines()[0] == (f"error: {files['loud']}: samples reach 407, far outside [-1, 1] "
+                                          "(integer sample values stored as float?); scale the audio to [-1, 1]")
+    assert "Warning" not in loud.stderr and "overflow" not in loud.stderr and loud.stdout == ""
+    text = subprocess.run([sys.executable, "-c", CLI, "listen", str(MODEL), "--input", str(files["latin1_text"])],
+                          capture_output=True, timeout=600)
+    assert text.returncode == 1
+    assert text.stderr == b"error: " + bytes(files["latin1_text"]) + b": cannot decode audio (Format not recognised)\n"
