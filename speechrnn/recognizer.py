@@ -73,6 +73,10 @@ class FileResult:
 
 
 class Recognizer:
+    """An exported model loaded for classification: clips and files (classify_files), and the
+    signatures the streaming detector calls. Raises SpeechRNNError for a folder that is not a
+    (whole, matching) speechrnn export."""
+
     def __init__(self, model_dir: str | os.PathLike | None = None):
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.meta = read_metadata(self.model_dir)
@@ -98,7 +102,8 @@ class Recognizer:
         return self._fns[(kind, xla)]
 
     def probabilities(self, waves: np.ndarray, xla: bool = False) -> np.ndarray:
-        """[n, samples] float32 at 16 kHz -> [n, labels], in fixed-size batches.
+        """[n, samples] float32 at 16 kHz in [-1, 1] -> probabilities [n, labels], in fixed-size batches
+        (each row a clip; see the export's serving_default for rows longer than one).
 
         ``xla``: the compiled signature; ~1-2 s to compile once, then ~10x faster per call.
         """
