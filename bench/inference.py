@@ -10,6 +10,9 @@ Figures (targets beside them: batch-1 <= 5 ms, >= 300 files/s through the CLI, o
   cli_throughput ``speechrnn classify MODEL f1 ... fN --json`` on N real files, one process.
   cli_one_file   ``speechrnn classify MODEL FILE`` wall time, start-up included; and a bare
                  ``python -c "import tensorflow"`` for context.
+  long_recording ``speechrnn classify MODEL FILE`` of one hour (--long-minutes) of real background
+                 noise with real words in it: wall time, peak RSS of the process (beside a
+                 one-minute file's, to show memory does not grow with length) and the answer.
   startup_profile  only when the one-file run misses its target (or --profile always): where a
                  one-file run's time goes (phases timed in a fresh process, -X importtime, cProfile).
 
@@ -301,6 +304,65 @@ def median_wall(cmd: list[str], runs: int, what: str) -> dict:
     return {"median_s": r(statistics.median(walls), 2), "runs_s": [r(w, 2) for w in walls]}
 
 
+# --- a long recording -----------------------------------------------------------------------
+def write_long_recording(path: Path, data: Path, minutes: float, word: Path) -> float:
+    """``minutes`` of the dataset's white and pink noise (their validation parts, looped, -40 dBFS RMS) with
+    ``word`` (a real clip) once, two thirds in; written block by block (the bench holds one minute).
+    Returns where the word starts, in seconds."""
+    import soundfile as sf
+
+    sys.path.insert(0, str(REPO))
+    from data_prep.audio import load_audio
+
+    recordings = [load_audio(p) for p in sorted((data / "_background_noise_").glob("*_noise.flac"))]
+    noise = np.concatenate([x[int(0.8 * len(x)) : int(0.9 * len(x))] for x in recordings])  # the validation parts
+    noise = (noise / np.sqrt(np.mean(noise**2)) * 0.01).astype(np.float32)
+    clip = load_audio(word)
+    total, at = int(minutes * 60 * 16000), int(minutes * 60 * 16000 * 2 / 3)
+    with sf.SoundFile(str(path), "w", 16000, 1, "PCM_16") as out:
+        for start in range(0, total, 60 * 16000):
+            block = np.resize(np.roll(noise, -start % len(noise)), min(60 * 16000, total - start)).copy()
+            if start <= at < start + len(block):
+                block[at - start : at - start + len(clip)] += clip[: len(block) - (at - start)]
+            out.write(np.clip(block, -1, 1))
+    return at / 16000
+
+
+def measured(cmd: list[str]) -> dict:
+    """Wall time, peak resident memory (this child alone, from wait4) and output of a command."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {"wall_s": r(wall, 2), "peak_rss_mb": r(usage.ru_maxrss / 1024, 1), "exit": proc.returncode,
+                "stdout": out.read().decode(errors="replace"), "stderr": err.read().decode(errors="replace")}
+
+
+def long_recording(model: Path, data: Path, minutes: float) -> dict:
+    word = data / "yes" / sorted(p.name for p in (data / "yes").iterdir())[0]
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        runs = {}
+        for name, length in (("one_minute", 1.0), ("long", minutes)):
+            path = Path(tmp) / f"{name}.wav"
+            at = write_long_recording(path, data, length, word)
+            info(f"classify {length:g} min of audio ({path.stat().st_size / 1e6:.0f} MB)")
+            run = measured(classify_cmd(model, [path], as_json=True))
+            if run["exit"]:
+                sys.exit(f"classify of {length:g} min failed (exit {run['exit']}):\n{run['stderr'][-3000:]}")
+            answer = json.loads(run["stdout"].splitlines()[-1])
+            runs[name] = {"minutes": length, "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"],
+                          "label": answer["label"], "score": answer["score"], "word": f"yes at {at:.1f} s"}
+            info(f"  {json.dumps(runs[name])}")
+    return {**runs, "rss_ratio_long_to_one_minute": r(runs["long"]["peak_rss_mb"] / runs["one_minute"]["peak_rss_mb"]),
+            "note": "`speechrnn classify MODEL FILE --json`, one process each, start-up included; peak RSS from "
+            "wait4 (ru_maxrss) of that process; the audio: the validation parts of the white and pink noise "
+            "recordings, looped, at -40 dBFS RMS, with one real 'yes' two thirds in"}
+
+
 # --- start-up profile ------------------------------------------------------------------------
 def parse_importtime(stderr: str) -> list[dict]:
     """``-X importtime`` lines -> a tree of {name, self_s, cumulative_s, children} (roots in order).
@@ -413,6 +475,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="timed batch-1 calls per signature")
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls per signature after the first")
     parser.add_argument("--runs", type=int, default=3, help="runs of each CLI / import timing (median)")
+    parser.add_argument("--long-minutes", type=float, default=60.0,
+                        help="length of the long recording classified (0: skip it)")
+    parser.add_argument("--only-long", action="store_true", help="measure the long recording only")
     parser.add_argument(
         "--profile",
         choices=["auto", "always", "never"],
@@ -440,6 +505,10 @@ def main() -> None:
     if not meta_path.exists():
         sys.exit(f"{args.model} is not a speechrnn export (no {meta_path.name}); pass --model DIR")
     meta = json.loads(meta_path.read_text())
+    if args.only_long:
+        print(json.dumps({"model": str(args.model), "load_average_before": [r(x, 2) for x in os.getloadavg()],
+                          "long_recording": long_recording(args.model, args.data, args.long_minutes)}, indent=2))
+        return
     files = pick_files(args.data, args.files)
     clip = files[0]
     load_before = os.getloadavg()
@@ -507,6 +576,8 @@ def main() -> None:
             "untimed warm-up run",
         },
     }
+    if args.long_minutes > 0:
+        report["long_recording"] = long_recording(args.model, args.data, args.long_minutes)
     if args.profile == "always" or (args.profile == "auto" and startup > TARGETS["cli_one_file_s"]):
         info("profiling a one-file CLI run")
         report["startup_profile"] = startup_profile(args.model, clip, args)

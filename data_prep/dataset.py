@@ -6,6 +6,7 @@ optionally ``validation_list.txt`` / ``testing_list.txt`` (paths relative to the
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import math
@@ -42,7 +43,8 @@ def speaker_of(path: str | os.PathLike) -> str:
 
 def split_by_hash(path: str | os.PathLike, validation_percentage: float = 10.0, testing_percentage: float = 10.0) -> str:
     """The dataset's speaker-hash rule: sha1(speaker) mod 2^27 as a percentage."""
-    hashed = hashlib.sha1(speaker_of(path).encode("utf-8")).hexdigest()
+    # surrogateescape: a file name that is not valid UTF-8 hashes as the bytes it is on disk
+    hashed = hashlib.sha1(speaker_of(path).encode("utf-8", "surrogateescape")).hexdigest()
     percentage = (int(hashed, 16) % (MAX_NUM_WAVS_PER_CLASS + 1)) * (100.0 / MAX_NUM_WAVS_PER_CLASS)
     if percentage < validation_percentage:
         return "validation"
@@ -98,7 +100,7 @@ class TaskConfig:
     def is_held_out(self, clip: Clip) -> bool:
         if clip.split != "training" or clip.word not in self.holdout_words:
             return False
-        digest = hashlib.sha1(f"holdout:{clip.speaker}".encode()).hexdigest()
+        digest = hashlib.sha1(f"holdout:{clip.speaker}".encode("utf-8", "surrogateescape")).hexdigest()
         return int(digest, 16) % 1000 < self.holdout_fraction * 1000
 
 
@@ -138,6 +140,7 @@ class SpeechCommands:
     clips: list[Clip] = field(default_factory=list)
     noise_files: list[Path] = field(default_factory=list)
     split_source: str = "hash"
+    _warned: set[str] = field(default_factory=set, repr=False, compare=False)  # each warning once per dataset
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> SpeechCommands:
@@ -232,7 +235,11 @@ class SpeechCommands:
         "silence" ranges from a quiet room to a running tap.
         """
         if not self.noise_files:
-            log.warning("%s: no %s folder; no %s examples", self.root, BACKGROUND_DIR, SILENCE)
+            if SILENCE not in self._warned:
+                self._warned.add(SILENCE)
+                folder = self.root / BACKGROUND_DIR
+                what = "the folder holds no audio files" if folder.is_dir() else "no such folder"
+                log.warning("%s: %s; no %s examples (1 s cuts of background noise)", folder, what, SILENCE)
             return []
         if noise_lengths is None:
             noise_lengths = noise_file_lengths(self.noise_files)
@@ -294,3 +301,29 @@ def label_counts(examples: list[Example]) -> dict[str, int]:
     for ex in examples:
         counts[ex.label] += 1
     return dict(sorted(counts.items()))
+
+
+def training_clip_counts(task: TaskConfig, data: list[SpeechCommands],
+                         train_only: list[SpeechCommands] = ()) -> Counter:
+    """Clips per word that training would use: the training split of ``data`` (less held-out
+    speakers) and every clip of ``train_only`` folders."""
+    counts: Counter = Counter()
+    for dataset in data:
+        counts.update(c.word for c in dataset.clips if c.split == "training" and not task.is_held_out(c))
+    for dataset in train_only:
+        counts.update(c.word for c in dataset.clips)
+    return counts
+
+
+def words_without_clips(task: TaskConfig, data: list[SpeechCommands], train_only: list[SpeechCommands] = ()) -> str | None:
+    """None when every word of the task has training clips; else what is missing, in words, with the
+    nearest words the folders do have: "no training clips of 'noo' (did you mean 'no'?)"."""
+    counts = training_clip_counts(task, data, train_only)
+    there = sorted({w for dataset in [*data, *train_only] for w in dataset.words})
+    missing = []
+    for word in task.words:
+        if counts[word]:
+            continue
+        near = difflib.get_close_matches(word, there, n=2)
+        missing.append(repr(word) + (f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""))
+    return f"no training clips of {', '.join(missing)}" if missing else None

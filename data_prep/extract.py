@@ -64,7 +64,11 @@ class WaveformLoader:
 
     def load_many(self, examples: list[Example], progress_label: str | None = None
                   ) -> tuple[np.ndarray, list[int], list[SpeechRNNError]]:
-        """Waveforms of the examples that loaded, their indices, and the errors of those that did not."""
+        """Waveforms of the examples that loaded, their indices, and the errors of those that did not.
+
+        A clip that cannot be read is left out and logged as an error (``<file>: <reason>``): the
+        rest go on, and the CLI exits 1 at the end (README, "Exit status").
+        """
         waves, kept, errors = [], [], []
         with progress(examples, progress_label or "", progress_label is not None) as bar:
             for i, ex in enumerate(bar):
@@ -72,6 +76,7 @@ class WaveformLoader:
                     waves.append(self.load(ex))
                     kept.append(i)
                 except SpeechRNNError as err:
+                    log.error("%s", err)
                     errors.append(err)
         out = np.stack(waves) if waves else np.zeros((0, self.config.clip_samples), np.float32)
         return out, kept, errors
@@ -151,8 +156,8 @@ def featurize(
 ) -> Featurized:
     """MFCC features of un-augmented examples, from the cache where possible.
 
-    Files that cannot be decoded are left out and returned as errors, so one broken clip does
-    not stop a dataset. ``workers`` threads decode and featurise chunks in parallel (numpy's FFT
+    Files that cannot be decoded are left out, logged as errors and returned, so one broken clip
+    does not stop a dataset. ``workers`` threads decode and featurise chunks in parallel (numpy's FFT
     and matrix products release the GIL; measured in bench/features.py).
     """
     cache = FeatureCache(cache_dir or default_cache_dir(), config) if use_cache else None
@@ -184,6 +189,4 @@ def featurize(
             cache.put([keys[i] for i in order], np.stack([computed[i] for i in order]) if order else None)
     order = sorted({**hits, **computed})
     feats = np.stack([hits[i] if i in hits else computed[i] for i in order]) if order else np.zeros((0, *config.shape), np.float32)
-    for err in errors:
-        log.warning("skipped: %s", err)
     return Featurized(feats.astype(np.float32, copy=False), [examples[i] for i in order], errors, len(hits))

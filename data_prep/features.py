@@ -5,6 +5,11 @@ MFCC here = librosa's mel power spectrogram (center=False, periodic Hann window)
 what else is in the batch) -> orthonormal DCT-II, as librosa.feature.mfcc computes it. The
 exported model computes the same with TensorFlow ops from the same constants
 (mfcc_constants); tests hold all three equal.
+
+Loud input cannot overflow: a clip whose samples exceed 1 is first scaled down by a power of two
+(exact in floating point) and the level added back after the logarithm, so the features of any
+finite input are finite (float32 power spectra overflow from about 1e17 in amplitude). Input
+within [-1, 1], the contract, is computed exactly as before.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from functools import lru_cache
 import numpy as np
 
 LOG_FLOOR = 1e-10
+DB_PER_OCTAVE = float(20.0 * np.log10(2.0))  # a factor of two in amplitude, in dB
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,12 @@ def mfcc_constants(config: FeatureConfig) -> dict[str, np.ndarray]:
     }
 
 
+def level_exponents(samples: np.ndarray) -> np.ndarray:
+    """[..., samples] -> [..., 1]: the k for which samples / 2**k lie within [-1, 1] (0 when they do)."""
+    peak = np.max(np.abs(samples), axis=-1, keepdims=True)
+    return np.where(peak > 1.0, np.ceil(np.log2(np.maximum(peak, 1.0))), 0.0)
+
+
 def mfcc(samples: np.ndarray, config: FeatureConfig = FeatureConfig()) -> np.ndarray:
     """MFCC frames of one clip [samples] -> [frames, n_mfcc], or a batch [n, samples] -> [n, frames, n_mfcc].
 
@@ -104,7 +116,8 @@ def mfcc(samples: np.ndarray, config: FeatureConfig = FeatureConfig()) -> np.nda
     librosa's filterbank: no numba JIT (librosa's STFT costs ~18 s to compile on a fresh machine
     and ~2 s to load in every new process), and faster (scipy's FFT; numpy's was 20x slower here).
     Samples must already be at config.sample_rate; any length >= one window works (streaming
-    feeds short chunks; frames do not depend on audio outside them).
+    feeds short chunks; frames do not depend on audio outside them). Finite for any finite input
+    (see the module docstring); NaN in, NaN out.
     """
     import scipy.fft
 
@@ -113,10 +126,20 @@ def mfcc(samples: np.ndarray, config: FeatureConfig = FeatureConfig()) -> np.nda
     if samples.shape[-1] < width:
         raise ValueError(f"need at least {width} samples, got {samples.shape[-1]}")
     consts = mfcc_constants(config)
+    exponents = level_exponents(samples)
+    loud = bool(exponents.any())
+    if loud:  # in two steps, so that no factor is a subnormal number (2**-128 would be)
+        half = np.floor(exponents / 2)
+        samples = samples * np.exp2(-half).astype(np.float32) * np.exp2(half - exponents).astype(np.float32)
     frames = np.lib.stride_tricks.sliding_window_view(samples, width, axis=-1)[..., ::hop, :]
     spectrum = scipy.fft.rfft(frames * consts["window"], n=width, axis=-1)  # float32 in, complex64 out
     power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32, copy=False)
-    log_mel = 10.0 * np.log10(np.maximum(power @ consts["mel"], LOG_FLOOR))
+    mel_power = power @ consts["mel"]
+    if loud:  # the floor where it was before scaling (or the smallest normal float), the level added back
+        floor = np.maximum(LOG_FLOOR * np.exp2(-2.0 * exponents), np.finfo(np.float32).tiny).astype(np.float32)
+        log_mel = 10.0 * np.log10(np.maximum(mel_power, floor[..., None])) + (DB_PER_OCTAVE * exponents[..., None])
+    else:
+        log_mel = 10.0 * np.log10(np.maximum(mel_power, LOG_FLOOR))
     return (log_mel @ consts["dct"]).astype(np.float32, copy=False)
 
 

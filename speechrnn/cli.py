@@ -1,4 +1,10 @@
-"""The `speechrnn` command: parses arguments and calls library functions, nothing else."""
+"""The `speechrnn` command: parses arguments and calls library functions, nothing else.
+
+Exit status, for every command: 0 all fine; 1 some input failed (each failure is one
+`error: <file>: <reason>` line on stderr; a batch goes on with the other inputs and its output
+covers them); 2 bad usage. The library reports an input it had to leave out (an unreadable clip
+in `evaluate`, `train`, `export`) with logging.error; any such line makes the exit status 1.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,27 @@ import sys
 import click
 
 from data_prep.errors import SpeechRNNError
+
+
+class _ErrorCount(logging.Handler):
+    """Counts the error lines our packages log: each is an input that failed (see the module
+    docstring). Other libraries' error logs (TensorFlow's, absl's) say nothing about the inputs."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".")[0] in ("data_prep", "speechrnn"):
+            self.count += 1
+
+
+_errors = _ErrorCount()
+
+
+def _status(failed: int = 0) -> int:
+    """0, or 1 when an input failed here (``failed``) or was reported failed by the library."""
+    return 1 if failed or _errors.count else 0
 
 
 def _fast_exit(status: int) -> None:
@@ -50,10 +77,16 @@ def main(verbose: bool) -> None:
     Train on a Speech Commands-style folder, evaluate, export a TensorFlow SavedModel, classify
     audio files and listen to the microphone.
     """
+    # File names are printed as the bytes they are: one that is not valid UTF-8 (kept by Python as
+    # surrogate escapes) would otherwise end the command with UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_WarningFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    _errors.count = 0
+    root.handlers[:] = [handler, _errors]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
@@ -74,13 +107,18 @@ def data_stats(folder: str, as_json: bool, by_word: bool, task_words: str | None
     By default the labels are the task's (10 commands, _silence_, _unknown_) as training sees
     them; --words counts the raw clips of every word.
     """
+    from data_prep.dataset import COMMANDS, TaskConfig
     from data_prep.stats import dataset_stats
 
-    table = dataset_stats(folder, task_words.split(",") if task_words else None, by_word)
+    words = task_words.split(",") if task_words else None
+    table = dataset_stats(folder, words, by_word)
     if as_json:
         click.echo(json.dumps(table, indent=2))
         return
-    labels = sorted({label for counts in table.values() for label in counts})
+    labels = {label for counts in table.values() for label in counts}
+    if not by_word:  # the task's labels too, so a word without clips shows as a row of zeros
+        labels |= set(TaskConfig(tuple(words) if words else COMMANDS).labels)
+    labels = sorted(labels)
     splits = list(table)
     width = max([len(x) for x in labels] + [5])
     click.echo(f"{'label':<{width}}  " + "  ".join(f"{s:>10}" for s in splits))
@@ -251,11 +289,15 @@ def train(data, train_only, out, config_file, resume, words, export_dir, no_augm
             options["negatives"] = list(negatives)
         config = make_train_config(config_file, data, train_only, words, no_augment, options)
         trainer = Trainer(config, out, report=report)
-    trainer.run(resume=resume)
+    summary = trainer.run(resume=resume)
+    if summary["skipped"]:
+        click.echo(f"trained without {len(summary['skipped'])} unreadable clips (named above; listed in "
+                   f"{out}/summary.json)", err=True)
     if export_dir:
         from speechrnn.export import export_run
 
         click.echo(f"exported: {export_run(out, export_dir)}", err=True)
+    sys.exit(_status())
 
 
 def _parse_thresholds(ctx, param, values: tuple[str, ...]) -> tuple[float | None, dict[str, float]]:
@@ -295,6 +337,7 @@ def export(run_dirs: tuple[str, ...], out: str, checkpoint: str, thresholds) -> 
     path = export_runs(list(run_dirs), out, checkpoint, label_thresholds=thresholds[1])
     what = run_dirs[0] if len(run_dirs) == 1 else f"the mean of {', '.join(run_dirs)}"
     click.echo(f"exported {what} ({checkpoint} checkpoint) to {path}")
+    sys.exit(_status())  # 1 when validation clips for its metrics could not be read
 
 
 @main.command()
@@ -316,11 +359,12 @@ def evaluate(model: str, data: tuple[str, ...], split: str, all_unknown: bool, a
     from speechrnn.evaluate import evaluate as run_evaluation
     from speechrnn.evaluate import format_report, plot_confusion
 
+    # each unreadable clip: an `error:` line, and exit status 1
     report = run_evaluation(model, data[0] if len(data) == 1 else list(data), split, all_unknown=all_unknown)
     if plot:
         plot_confusion(report, plot)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
-    _fast_exit(0)
+    click.echo(json.dumps(report, indent=2, allow_nan=False) if as_json else format_report(report))
+    _fast_exit(_status())
 
 
 @main.command()
@@ -330,33 +374,74 @@ def evaluate(model: str, data: tuple[str, ...], split: str, all_unknown: bool, a
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
 @_report_errors
 def classify(inputs: tuple[str, ...], model_opt: str | None, top_k: int, as_json: bool) -> None:
-    """Classify audio FILEs (any rate, channels, WAV/FLAC/OGG) with MODEL (default models/default).
+    """Classify audio FILEs (any rate, channels, length; WAV/FLAC/OGG) with MODEL (default models/default).
 
     A file longer than one second is scored in 1 s windows every 100 ms; the answer is the
-    window with the highest score for a class other than _silence_. Exit status 1 if any file
-    failed.
+    window with the highest score for a class other than _silence_. Long files are read a few
+    seconds at a time (progress on a terminal). Exit status 1 if any file failed.
     """
-    from speechrnn.recognizer import Recognizer
+    from data_prep.audio import check_path
+    from speechrnn.recognizer import FileResult, Recognizer
 
     model, files = model_opt, list(inputs)
     if model is None and len(files) > 1 and _looks_like_model(files[0]):
         model, files = files[0], files[1:]
-    rec = Recognizer(model)
+    if model is None and len(files) == 1 and _looks_like_model(files[0]):
+        raise click.UsageError(f"{files[0]} is a model folder: give the audio files to classify after it "
+                               "(speechrnn classify MODEL FILE...)")
+    results = []
+    for path in files:  # path problems first: no TensorFlow start-up to say that nothing can be read
+        try:
+            check_path(path)
+        except SpeechRNNError as err:
+            results.append(FileResult(path, error=err.reason))
+    if len(results) < len(files):
+        show = _FileProgress() if sys.stderr.isatty() else None
+        results = Recognizer(model).classify_files(files, top_k, progress=show)
+        if show is not None:
+            show.clear()
     failed = 0
-    for result in rec.classify_files(files, top_k):
+    for result in results:
         if result.error is not None:
             failed += 1
             if as_json:
-                click.echo(json.dumps(result.to_json()))
+                click.echo(json.dumps(result.to_json(), allow_nan=False))
             else:
                 click.echo(f"error: {result.path}: {result.error}", err=True)
             continue
         if as_json:
-            click.echo(json.dumps(result.to_json()))
+            click.echo(json.dumps(result.to_json(), allow_nan=False))
         else:
             others = "  ".join(f"{label} {p:.3f}" for label, p in result.top[1:])
             click.echo(f"{result.path}\t{result.label}\t{result.score:.3f}" + (f"\t({others})" if others else ""))
-    _fast_exit(1 if failed else 0)
+    _fast_exit(_status(failed))
+
+
+LONG_FILE_SECONDS = 60.0  # classify shows its progress through files at least this long
+
+
+class _FileProgress:
+    """`classifying NAME: 12:00 of 1:00:00 (20%)` on one terminal line, for long files."""
+
+    def __init__(self):
+        self.shown = False
+
+    def __call__(self, path: str, done: float, total: float) -> None:
+        if total < LONG_FILE_SECONDS:
+            return
+        line = f"classifying {path}: {_clock(done)} of {_clock(total)} ({min(1.0, done / total):.0%})"
+        click.echo("\r" + line[-79:].ljust(79), nl=False, err=True)
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            click.echo("\r" + " " * 79 + "\r", nl=False, err=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 def _looks_like_model(path: str) -> bool:
@@ -393,11 +478,12 @@ def info(model: str | None, as_json: bool) -> None:
 def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, smoothing_ms, refractory_ms, as_json):
     """Recognise commands live from the microphone (or --input FILE) with MODEL [models/default].
 
-    Prints one line per detection; Ctrl-C stops with a short summary (exit 0).
+    Prints one line per detection; Ctrl-C stops with a short summary (exit 0). When the input
+    ends (the file, --duration, Ctrl-C) the audio heard so far is scored to the end, so a command
+    in the last second is reported too.
     """
     import dataclasses
 
-    from data_prep.audio import check_path
     from speechrnn.microphone import (
         ListenStats,
         check_input_device,
@@ -417,8 +503,9 @@ def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, sm
     config = dataclasses.replace(StreamConfig(), **changes)
     # Cheap checks first: a wrong model, device or file should not wait for TensorFlow to load.
     read_metadata(model or default_model_dir())
+    stats = ListenStats()
     if input_file:
-        check_path(input_file)
+        source = file_chunk_source(input_file, realtime=realtime, duration=duration)  # opens the file
     else:
         check_input_device(device)
     try:
@@ -426,10 +513,7 @@ def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, sm
     except KeyboardInterrupt:
         click.echo("stopped before listening began", err=True)
         sys.exit(0)
-    stats = ListenStats()
-    if input_file:
-        source = file_chunk_source(input_file, realtime=realtime, duration=duration)
-    else:
+    if not input_file:
         source = microphone_chunks(device, stats=stats, duration=duration)
     interactive = sys.stderr.isatty() and not as_json
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from data_prep.dataset import (
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import WaveformLoader
 from speechrnn.recognizer import Recognizer
-
-log = logging.getLogger(__name__)
 
 # What --split selects in a dataset folder. "unseen": every clip the model's own recipe kept out
 # of training (validation, testing and the held-out scarce-word speakers).
@@ -88,15 +85,15 @@ def evaluation_examples(data, labels: list[str], task: TaskConfig, split: str, a
 
 def evaluate(model_dir: str | os.PathLike | None, data, split: str = "testing",
              recognizer: Recognizer | None = None, all_unknown: bool = False) -> dict:
-    """Score MODEL on DATA (a folder, or a list of dataset folders): accuracy, per-class
-    precision/recall with 95% intervals, the confusion matrix, and the recall of each word that
-    counts as _unknown_ (``unknown_by_word``)."""
+    """Score MODEL on the clips of DATA (a folder, or a list of dataset folders; see
+    evaluation_examples) -> the report (metrics_from_predictions plus model, data, split,
+    ``unknown_by_word``: the recall of each word that counts as _unknown_, and ``skipped``:
+    "<file>: <reason>" of each clip that could not be read, which is also logged as an error and
+    left out of the figures)."""
     rec = recognizer or Recognizer(model_dir)
     task = TaskConfig.from_dict(rec.meta["task"]) if "task" in rec.meta else TaskConfig()
     examples = evaluation_examples(data, rec.labels, task, split, all_unknown)
-    waves, kept, errors = WaveformLoader(rec.features).load_many(examples)
-    for err in errors:
-        log.warning("skipped: %s", err)
+    waves, kept, errors = WaveformLoader(rec.features).load_many(examples)  # logs each unreadable clip
     if not kept:
         raise SpeechRNNError("none of the files could be read", data)
     probs = rec.probabilities(waves)
@@ -167,5 +164,5 @@ def format_report(report: dict) -> str:
         lines.append(f"{UNKNOWN} by word ({len(words)} words), lowest recall: "
                      + ", ".join(f"{w} {m['recall']:.2f} (n={m['support']})" for w, m in worst))
     if report.get("skipped"):
-        lines.append(f"skipped {len(report['skipped'])} unreadable files")
+        lines.append(f"left out {len(report['skipped'])} unreadable files (named on stderr)")
     return "\n".join(lines)

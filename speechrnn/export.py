@@ -2,44 +2,69 @@
 
 Signatures (XLA-compiled twins ``waveform_xla`` and ``mfcc_xla`` live in the ``xla/`` sub-export,
 so a one-shot load reads a graph a quarter the size):
-  serving_default(waveform: float32 [batch, samples] at 16 kHz)
-      -> probabilities [batch, labels], label (string) [batch], score [batch]
-      The clip is zero-padded or cropped to the model's clip length, then MFCC is computed in
-      the graph with the same mel matrix and DCT as data_prep.features (held equal by a test).
-  mfcc(mfcc: float32 [batch, frames, coefficients]) -> the same outputs.
+  serving_default(waveform: float32 [batch, samples]) -> probabilities [batch, labels],
+      label (string) [batch], score [batch]
+      The input contract: mono, 16 kHz (the model's FeatureConfig.sample_rate), float32 in
+      [-1, 1]. Any length: up to one second is zero-padded to one second; a longer waveform is
+      scored in 1 s windows every 100 ms plus one ending at its last sample, and the answer is the
+      window with the highest score for a class other than _silence_ (the rule `speechrnn
+      classify` applies to files; a test holds them equal). Every row of a batch has the same
+      length (pad with zeros). Audio at another rate must be resampled first: the graph cannot
+      tell, and 44.1 kHz audio given as 16 kHz is heard 2.8x slower and scored wrongly. Samples
+      beyond [-1, 1] give finite, meaningless scores (the features never overflow).
+      MFCC is computed in the graph with the same mel matrix and DCT as data_prep.features (held
+      equal by a test). The whole waveform is scored in one call: memory grows with its length.
+  mfcc(mfcc: float32 [batch, frames, coefficients]) -> the same outputs, for one window each.
 Assets (plain files): assets/labels.txt and assets/speechrnn.json (FeatureConfig, task, model
-config, training summary, validation metrics), written before the folder is renamed into place.
+config, training summary, validation metrics, the sha256 of both graphs), written before the
+folder is renamed into place. check_export_graph holds a folder's graphs to its metadata.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from data_prep.dataset import SILENCE
 from data_prep.errors import SpeechRNNError
-from data_prep.features import LOG_FLOOR, FeatureConfig, mfcc_constants
+from data_prep.features import DB_PER_OCTAVE, LOG_FLOOR, FeatureConfig, mfcc_constants
 from speechrnn import __version__
 from speechrnn.tfutil import import_tf
 
 log = logging.getLogger(__name__)
 FORMAT = "speechrnn-export"
+# 2: serving_default scores any length in windows (1 scored the first second only), and the
+# metadata holds the sha256 of both graphs.
+FORMAT_VERSION = 2
 META_FILE = "speechrnn.json"
 XLA_DIR = "xla"  # a second SavedModel inside the export: the XLA-compiled signatures
+GRAPH_FILES = ("saved_model.pb", f"{XLA_DIR}/saved_model.pb")
+WINDOW_HOP_S = 0.1  # a recording longer than a clip is scored in clip-long windows this far apart
 
 
 def tf_mfcc(tf, waveform, config: FeatureConfig, constants: dict):
-    """[batch, samples] -> [batch, frames, n_mfcc]; the TensorFlow twin of data_prep.features.mfcc."""
+    """[batch, samples] -> [batch, frames, n_mfcc]; the TensorFlow twin of data_prep.features.mfcc,
+    with its scaling of loud rows, so that no finite input overflows."""
+    peak = tf.reduce_max(tf.abs(waveform), axis=-1, keepdims=True)
+    exponent = tf.where(peak > 1.0, tf.math.ceil(tf.math.log(tf.maximum(peak, 1.0)) / np.log(2.0).astype(np.float32)),
+                        tf.zeros_like(peak))
+    half = tf.math.floor(exponent / 2.0)  # two factors: TensorFlow flushes subnormal numbers like 2**-128 to zero
+    waveform = waveform * tf.pow(2.0, -half) * tf.pow(2.0, half - exponent)
     frames = tf.signal.frame(waveform, config.window_samples, config.hop_samples)
     spectrum = tf.signal.rfft(frames * constants["window"], fft_length=[config.window_samples])
     power = tf.math.square(tf.math.real(spectrum)) + tf.math.square(tf.math.imag(spectrum))
     mel = tf.tensordot(power, constants["mel"], axes=1)
-    log_mel = 10.0 * tf.math.log(tf.maximum(mel, LOG_FLOOR)) / np.log(10.0).astype(np.float32)
+    floor = tf.maximum(LOG_FLOOR * tf.pow(2.0, -2.0 * exponent), np.finfo(np.float32).tiny)[:, :, None]
+    log_mel = 10.0 * tf.math.log(tf.maximum(mel, floor)) / np.log(10.0).astype(np.float32)
+    log_mel = log_mel + DB_PER_OCTAVE * exponent[:, :, None]
     return tf.tensordot(log_mel, constants["dct"], axes=1)
 
 
@@ -54,13 +79,38 @@ def build_export_module(model, labels: list[str], config: FeatureConfig, xla: bo
     consts = {k: tf.constant(v) for k, v in mfcc_constants(config).items()}
     clip = config.clip_samples
     frames, coeffs = config.shape
+    hop = int(round(config.sample_rate * WINDOW_HOP_S))
+    if hop % config.hop_samples:
+        raise SpeechRNNError(f"the window hop ({hop} samples) is not a whole number of MFCC hops ({config.hop_samples})")
+    frames_per_window_hop = hop // config.hop_samples
+    silence = labels.index(SILENCE) if SILENCE in labels else -1
     wave_spec = tf.TensorSpec([None, None], tf.float32, name="waveform")
     mfcc_spec = tf.TensorSpec([None, frames, coeffs], tf.float32, name="mfcc")
 
-    def features(waveform):
+    def windows(waveform):
+        """[batch, samples] -> [batch, windows, frames, coefficients]: the MFCC of each 1 s window, every
+        100 ms from the start, plus one ending at the last sample; up to 1 s: the zero-padded clip."""
         n = tf.shape(waveform)[1]
-        waveform = tf.pad(waveform[:, :clip], [[0, 0], [0, tf.maximum(0, clip - n)]])
-        return tf_mfcc(tf, tf.ensure_shape(waveform, [None, clip]), config, consts)
+        length = tf.maximum(n, clip)
+        waveform = tf.pad(waveform, [[0, 0], [0, length - n]])
+        # Window starts are whole numbers of MFCC hops: one MFCC of the whole waveform serves them all.
+        grid = tf.signal.frame(tf_mfcc(tf, waveform, config, consts), frames, frames_per_window_hop, axis=1)
+
+        def with_last():
+            last = tf_mfcc(tf, waveform[:, length - clip :], config, consts)[:, None]
+            return tf.concat([grid, last], axis=1)
+
+        return tf.cond((length - clip) % hop > 0, with_last, lambda: grid)
+
+    def pick(probs):
+        """[batch, windows, labels] -> [batch, labels]: the most confident window whose best class is not
+        _silence_, or the most confident window when all are silence."""
+        score = tf.reduce_max(probs, axis=-1)
+        if silence >= 0:
+            is_word = tf.not_equal(tf.argmax(probs, axis=-1, output_type=tf.int32), silence)
+            any_word = tf.reduce_any(is_word, axis=-1, keepdims=True)
+            score = tf.where(is_word | ~any_word, score, -1.0)
+        return tf.gather(probs, tf.argmax(score, axis=-1, output_type=tf.int32), batch_dims=1)
 
     # One traced copy of the network serves both entry points (the graph file stays small). XLA
     # cannot gather strings: only the probabilities are compiled; labels are looked up after.
@@ -78,13 +128,149 @@ def build_export_module(model, labels: list[str], config: FeatureConfig, xla: bo
 
         @tf.function(input_signature=[wave_spec])
         def classify_waveform(self, waveform):
-            return self._outputs(probs_of_mfcc(features(waveform)))
+            """float32 waveform [batch, samples], mono, 16 kHz, in [-1, 1], any length -> probabilities
+            [batch, labels], label [batch], score [batch]. Longer than 1 s: 1 s windows every 100 ms
+            (and one ending at the last sample), the answer from the most confident window whose best
+            class is not _silence_ (as `speechrnn classify`). Other rates must be resampled first."""
+            x = windows(waveform)
+            batch, count = tf.shape(x)[0], tf.shape(x)[1]
+            probs = probs_of_mfcc(tf.reshape(x, [-1, frames, coeffs]))
+            return self._outputs(pick(tf.reshape(probs, [batch, count, len(labels)])))
 
         @tf.function(input_signature=[mfcc_spec])
         def classify_mfcc(self, mfcc):
+            """float32 MFCC frames [batch, frames, coefficients] of one 1 s window each -> the same outputs."""
             return self._outputs(probs_of_mfcc(mfcc))
 
     return SpeechRNNModule()
+
+
+# -- what a folder's graphs must be to go with its metadata ---------------------------------------
+
+@lru_cache(maxsize=1)
+def _signature_reader():
+    """A parser for the part of TensorFlow's SavedModel protobuf that holds the signatures.
+
+    Built from a partial schema (field numbers of tensorflow/core/protobuf/saved_model.proto,
+    meta_graph.proto and tensor_shape.proto; every other field is skipped), so checking a folder
+    needs neither TensorFlow nor its start-up time (`speechrnn info` stays instant).
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    field = descriptor_pb2.FieldDescriptorProto
+    optional, repeated = field.LABEL_OPTIONAL, field.LABEL_REPEATED
+
+    def message(name, *fields, nested=()):
+        out = descriptor_pb2.DescriptorProto(name=name)
+        for fname, number, ftype, label, type_name in fields:
+            f = out.field.add(name=fname, number=number, type=ftype, label=label)
+            if type_name:
+                f.type_name = type_name
+        out.nested_type.extend(nested)
+        return out
+
+    def entry(value_type):  # a protobuf map<string, V> is, on the wire, a repeated {key = 1, value = 2}
+        return message("Entry", ("key", 1, field.TYPE_STRING, optional, None),
+                       ("value", 2, field.TYPE_MESSAGE, optional, value_type))
+
+    schema = descriptor_pb2.FileDescriptorProto(name="speechrnn_saved_model_signatures.proto",
+                                                package="speechrnn_sigs", syntax="proto3")
+    schema.message_type.extend([
+        message("Dim", ("size", 1, field.TYPE_INT64, optional, None)),
+        message("Shape", ("dim", 2, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.Dim"),
+                ("unknown_rank", 3, field.TYPE_BOOL, optional, None)),
+        message("TensorInfo", ("dtype", 2, field.TYPE_INT32, optional, None),
+                ("tensor_shape", 3, field.TYPE_MESSAGE, optional, ".speechrnn_sigs.Shape")),
+        message("SignatureDef", ("inputs", 1, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.SignatureDef.Entry"),
+                ("outputs", 2, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.SignatureDef.Entry"),
+                nested=[entry(".speechrnn_sigs.TensorInfo")]),
+        message("MetaGraphDef", ("signature_def", 5, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.MetaGraphDef.Entry"),
+                nested=[entry(".speechrnn_sigs.SignatureDef")]),
+        message("SavedModel", ("meta_graphs", 2, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.MetaGraphDef")),
+    ])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(schema)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("speechrnn_sigs.SavedModel"))
+
+
+DTYPES = {1: "float32", 3: "int32", 7: "string", 9: "int64"}  # tensorflow/core/framework/types.proto
+
+
+def saved_model_signatures(data: bytes) -> dict[str, dict[str, dict[str, tuple[str, list[int] | None]]]]:
+    """The signatures of a saved_model.pb: {name: {"inputs"|"outputs": {key: (dtype, shape)}}}.
+
+    A shape lists its dimensions (-1 for any size), None when even the rank is unknown. Raises
+    ValueError when the bytes are not a SavedModel protobuf.
+    """
+    from google.protobuf.message import DecodeError
+
+    try:
+        saved = _signature_reader().FromString(data)
+    except DecodeError as exc:
+        raise ValueError(f"not a SavedModel protobuf ({exc})") from None
+
+    def tensors(entries):
+        return {e.key: (DTYPES.get(e.value.dtype, f"dtype {e.value.dtype}"),
+                        None if e.value.tensor_shape.unknown_rank else [d.size for d in e.value.tensor_shape.dim])
+                for e in entries}
+
+    return {sig.key: {"inputs": tensors(sig.value.inputs), "outputs": tensors(sig.value.outputs)}
+            for graph in saved.meta_graphs for sig in graph.signature_def}
+
+
+def expected_signatures(meta: dict) -> dict[str, dict]:
+    """What each graph of an export with this metadata provides: {graph file: {signature: (input, shape)}}."""
+    features = FeatureConfig.from_dict(meta["features"])
+    waveform, mfcc = ("waveform", [-1, -1]), ("mfcc", [-1, *features.shape])
+    return {GRAPH_FILES[0]: {"serving_default": waveform, "mfcc": mfcc},
+            GRAPH_FILES[1]: {"waveform_xla": waveform, "mfcc_xla": mfcc}}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_export_graph(model_dir: str | os.PathLike, meta: dict) -> None:
+    """Raise the project error unless the folder's graphs are the ones its metadata describes.
+
+    Another TensorFlow model saved over an export keeps the old assets/ (and xla/): its metadata
+    would then describe a model that is no longer there. Every export's signatures are checked
+    against the metadata (names, inputs, the number of labels); an export that recorded the sha256
+    of its graphs (format 2) must still have exactly those graphs.
+    """
+    model_dir = Path(model_dir)
+    fix = f"the folder holds another model than assets/{META_FILE} describes; export the run again"
+    recorded = meta.get("graph_sha256", {})
+    for name, wanted in expected_signatures(meta).items():
+        path = model_dir / name
+        if not path.is_file():
+            raise SpeechRNNError(f"damaged export: no {name}; export the run again", model_dir)
+        if name in recorded and file_sha256(path) != recorded[name]:
+            raise SpeechRNNError(f"{name} is not the graph this export was written with: {fix}", model_dir)
+        try:
+            found = saved_model_signatures(path.read_bytes())
+        except ValueError as exc:
+            raise SpeechRNNError(f"damaged export: {name} is {exc}", model_dir) from None
+        for signature, (arg, shape) in wanted.items():
+            if signature not in found:
+                raise SpeechRNNError(f"{name} has no {signature!r} signature (it has: {', '.join(sorted(found)) or 'none'}): "
+                                     f"{fix}", model_dir)
+            inputs, outputs = found[signature]["inputs"], found[signature]["outputs"]
+            if inputs != {arg: ("float32", shape)}:
+                raise SpeechRNNError(f"{name}: signature {signature!r} takes {_describe(inputs)}, not {arg} float32 "
+                                     f"{shape}: {fix}", model_dir)
+            probs = outputs.get("probabilities")
+            if probs is None or probs[1] is None or probs[1][-1:] != [len(meta["labels"])]:
+                raise SpeechRNNError(f"{name}: signature {signature!r} gives {_describe(outputs)}, not probabilities "
+                                     f"of the {len(meta['labels'])} labels: {fix}", model_dir)
+
+
+def _describe(tensors: dict) -> str:
+    return ", ".join(f"{k} {dtype} {shape}" for k, (dtype, shape) in sorted(tensors.items())) or "nothing"
 
 
 def _is_export(path: Path) -> bool:
@@ -119,9 +305,10 @@ def write_export(model, labels: list[str], config: FeatureConfig, out: str | os.
         assets = tmp / "assets"
         assets.mkdir(exist_ok=True)
         (assets / "labels.txt").write_text("\n".join(labels) + "\n")
-        meta = {"format": FORMAT, "format_version": 1, "speechrnn_version": __version__,
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "speechrnn_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "labels": labels,
-                "features": config.to_dict(), **metadata}
+                "features": config.to_dict(), **metadata,
+                "graph_sha256": {name: file_sha256(tmp / name) for name in GRAPH_FILES}}
         (assets / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks completeness
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

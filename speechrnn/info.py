@@ -13,6 +13,8 @@ def model_size_bytes(model_dir: Path) -> int:
 
 
 def describe_model(model_dir: str | None, as_json: bool = False) -> str:
+    """A model's description (text, or JSON with its path and size); SpeechRNNError if the folder
+    is not an export whose graphs match its metadata (read_metadata)."""
     path = Path(model_dir) if model_dir else default_model_dir()
     meta = read_metadata(path)
     if as_json:
@@ -29,6 +31,11 @@ def describe_model(model_dir: str | None, as_json: bool = False) -> str:
     for i, run in enumerate(training.get("members", [training])):  # an ensemble lists each member's run
         lines.append(f"{'trained' if i == 0 else '':<12}{run.get('epochs_run', '?')} epochs (best {run.get('best_epoch', '?')}), "
                      f"{run.get('train_clips', '?')} training clips" + (f"; created {meta.get('created', '?')}" if i == 0 else ""))
+    rate = feats["sample_rate"] / 1000
+    scores = ("any length: 1 s windows every 100 ms, the most confident non-silence one" if meta.get("format_version", 1) >= 2
+              else "the first second only (an older export: export the run again for any length)")
+    lines.append(f"signature   serving_default: float32 waveform [batch, samples], mono, {rate:g} kHz, in [-1, 1]; "
+                 f"{scores}")
     own = meta.get("streaming", {}).get("label_thresholds")
     if own:
         lines.append("listen      own thresholds " + ", ".join(f"{k} {v:g}" for k, v in own.items())

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -126,12 +128,28 @@ def microphone_chunks(device: str | None, block_ms: float = 50.0, stats: ListenS
                 log.warning("input overflow: audio was dropped (the machine is busy); going on")
                 reported_overflows = stats.overflows
             yield resampler.resample_chunk(block) if resampler else block
+    except KeyboardInterrupt:
+        # Ctrl-C: the audio captured before it is handed over, then the stream ends like any other
+        # (run_listener throws KeyboardInterrupt in here when Ctrl-C came while it was busy).
+        _stop(stream)
+        while True:
+            try:
+                block = chunks.get_nowait()
+            except queue.Empty:
+                break
+            yield resampler.resample_chunk(block) if resampler else block
+        if resampler is not None:
+            yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
     finally:
-        try:
-            stream.abort()
-            stream.close()
-        except Exception:  # noqa: BLE001 - closing a device that has vanished may fail too
-            pass
+        _stop(stream)
+
+
+def _stop(stream) -> None:
+    try:
+        stream.abort()
+        stream.close()
+    except Exception:  # noqa: BLE001 - closing a device that has vanished (or closed already) may fail too
+        pass
 
 
 def file_chunk_source(path, chunk_ms: float = 50.0, realtime: bool = False,
@@ -139,64 +157,109 @@ def file_chunk_source(path, chunk_ms: float = 50.0, realtime: bool = False,
     """A file streamed in microphone-sized chunks; as fast as possible unless ``realtime``.
 
     Decoded block by block (and resampled with a streaming resampler), so an hour-long file
-    costs no more memory than a minute-long one.
+    costs no more memory than a minute-long one. Problems with the file raise the project error
+    (opening ones at once, before the first chunk).
     """
-    import soundfile as sf
-    import soxr
+    from data_prep.audio import stream_audio
 
-    from data_prep.audio import check_audio, check_path, to_mono
+    _, blocks = stream_audio(path, 16000, chunk_ms / 1000)
+    return _paced(blocks, realtime, duration)
 
-    check_path(path)
+
+def _paced(blocks: Iterator[np.ndarray], realtime: bool, duration: float | None) -> Iterator[np.ndarray]:
+    limit = int(duration * 16000) if duration is not None else None
+    sent = 0
+    start = time.monotonic()
+    for chunk in blocks:
+        if limit is not None:
+            chunk = chunk[: limit - sent]
+        if len(chunk):
+            if realtime:
+                delay = start + (sent + len(chunk)) / 16000 - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            sent += len(chunk)
+            yield chunk
+        if limit is not None and sent >= limit:
+            break
+
+
+class _HeldInterrupt:
+    """Ctrl-C (SIGINT) that arrives while the detector works on a chunk is held until the chunk is
+    done, so the detector's state is never left half-updated; at any other moment (waiting for
+    audio, printing) it raises KeyboardInterrupt at once, as usual. Only where Python's own
+    handler is in place, in the main thread; elsewhere this changes nothing."""
+
+    def __init__(self):
+        self.holding = False
+        self.pending = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.holding:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _HeldInterrupt:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _captured(source: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """After Ctrl-C: what the source has captured already (the microphone's queue); a file has none."""
+    throw = getattr(source, "throw", None)
+    if throw is None:
+        return
     try:
-        handle = sf.SoundFile(str(path))
-    except (sf.LibsndfileError, RuntimeError) as exc:
-        raise SpeechRNNError(f"cannot decode audio ({exc})", path) from None
-    with handle:
-        rate = handle.samplerate
-        resampler = soxr.ResampleStream(rate, 16000, 1, dtype="float32") if rate != 16000 else None
-        block = max(1, int(rate * chunk_ms / 1000))
-        limit = int(duration * 16000) if duration is not None else None
-        sent = 0
-        start = time.monotonic()
-        while limit is None or sent < limit:
-            raw = handle.read(block, dtype="float32", always_2d=True)
-            last = len(raw) < block
-            chunk = to_mono(raw)
-            if len(chunk):
-                check_audio(chunk, path)
-            if resampler is not None:
-                chunk = resampler.resample_chunk(chunk, last=last)
-            if limit is not None:
-                chunk = chunk[: limit - sent]
-            if len(chunk):
-                if realtime:
-                    delay = start + (sent + len(chunk)) / 16000 - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                sent += len(chunk)
-                yield chunk
-            if last:
-                break
-        if sent == 0:
-            raise SpeechRNNError("the file holds no audio samples (empty)", path)
+        yield throw(KeyboardInterrupt)
+        yield from source
+    except (KeyboardInterrupt, StopIteration):
+        return
 
 
 def run_listener(detector: StreamingDetector, source: Iterator[np.ndarray],
                  on_detection: Callable[[Detection], None], on_status: Callable[[StreamingDetector], None] | None = None,
                  stats: ListenStats | None = None) -> ListenStats:
-    """Pump a source through the detector until it ends (or Ctrl-C, which ends it cleanly)."""
+    """Pump a source through the detector until it ends or Ctrl-C (which ends it cleanly), then
+    let the detector finish scoring what it has: a command in the last second is reported too.
+
+    On Ctrl-C the audio the source has already captured is scored first (see _HeldInterrupt and
+    _captured). A source's error (the project error: a vanished device, a damaged file) propagates.
+    """
     stats = stats or ListenStats()
     cpu0 = time.process_time()
     last_status = 0.0
     try:
-        for chunk in source:
-            for detection in detector.push(chunk):
+        with _HeldInterrupt() as interrupt:
+            try:
+                for chunk in source:
+                    interrupt.holding = True
+                    try:
+                        found = detector.push(chunk)
+                    finally:
+                        interrupt.holding = False
+                    for detection in found:
+                        on_detection(detection)
+                    if interrupt.pending:
+                        raise KeyboardInterrupt
+                    if on_status and time.monotonic() - last_status > 0.1:
+                        on_status(detector)
+                        last_status = time.monotonic()
+            except KeyboardInterrupt:
+                interrupt.holding = True  # stopping now: a second Ctrl-C must not cut the ending short
+                for chunk in _captured(source):
+                    for detection in detector.push(chunk):
+                        on_detection(detection)
+            interrupt.holding = True
+            for detection in detector.finish():
                 on_detection(detection)
-            if on_status and time.monotonic() - last_status > 0.1:
-                on_status(detector)
-                last_status = time.monotonic()
-    except KeyboardInterrupt:
-        pass
     finally:
         stats.seconds = detector.samples_seen / detector.features.sample_rate
         stats.detections = list(detector.detections)

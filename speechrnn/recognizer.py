@@ -1,28 +1,32 @@
 """Classify clips and files with an exported model (plain tf.saved_model.load; no Keras needed).
 
-Files longer than the model's clip (1 s) are scored in 1 s windows every 100 ms; the answer is
-the window with the highest score for a class other than _silence_ (a word anywhere in the file
-wins over the silence around it); if every window is silence, the most confident silence window.
+Files longer than the model's clip (1 s) are scored in 1 s windows every 100 ms (and one ending at
+the last sample); the answer is the window with the highest score for a class other than
+_silence_ (a word anywhere in the file wins over the silence around it); if every window is
+silence, the most confident silence window. Files are decoded block by block and their windows
+scored in fixed-size batches shared between files, so memory does not grow with a file's length.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.audio import load_audio
+from data_prep.audio import stream_audio
 from data_prep.dataset import SILENCE
 from data_prep.errors import SpeechRNNError
 from data_prep.features import FeatureConfig
-from speechrnn.export import FORMAT, META_FILE, XLA_DIR
+from speechrnn.export import FORMAT, META_FILE, WINDOW_HOP_S, XLA_DIR, check_export_graph
 from speechrnn.tfutil import import_tf
 
 BATCH = 64
-WINDOW_HOP_S = 0.1
+# Progress of one file: progress(path, seconds decoded and scored so far, the file's length in seconds).
+Progress = Callable[[str, float, float], None]
 
 
 def default_model_dir() -> Path:
@@ -34,6 +38,8 @@ def default_model_dir() -> Path:
 
 
 def read_metadata(model_dir: str | os.PathLike) -> dict:
+    """An export's metadata (assets/speechrnn.json), once its graphs are checked to be the ones it
+    describes (speechrnn.export.check_export_graph; no TensorFlow needed). Raises SpeechRNNError."""
     model_dir = Path(model_dir)
     meta_path = model_dir / "assets" / META_FILE
     if not model_dir.exists():
@@ -47,6 +53,7 @@ def read_metadata(model_dir: str | os.PathLike) -> dict:
         raise SpeechRNNError(f"damaged model metadata ({exc})", meta_path) from None
     if meta.get("format") != FORMAT:
         raise SpeechRNNError("not a speechrnn export (unknown metadata format)", model_dir)
+    check_export_graph(model_dir, meta)
     return meta
 
 
@@ -66,6 +73,10 @@ class FileResult:
 
 
 class Recognizer:
+    """An exported model loaded for classification: clips and files (classify_files), and the
+    signatures the streaming detector calls. Raises SpeechRNNError for a folder that is not a
+    (whole, matching) speechrnn export."""
+
     def __init__(self, model_dir: str | os.PathLike | None = None):
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.meta = read_metadata(self.model_dir)
@@ -91,7 +102,8 @@ class Recognizer:
         return self._fns[(kind, xla)]
 
     def probabilities(self, waves: np.ndarray, xla: bool = False) -> np.ndarray:
-        """[n, samples] float32 at 16 kHz -> [n, labels], in fixed-size batches.
+        """[n, samples] float32 at 16 kHz in [-1, 1] -> probabilities [n, labels], in fixed-size batches
+        (each row a clip; see the export's serving_default for rows longer than one).
 
         ``xla``: the compiled signature; ~1-2 s to compile once, then ~10x faster per call.
         """
@@ -113,44 +125,151 @@ class Recognizer:
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
     def windows(self, samples: np.ndarray) -> np.ndarray:
-        """One clip-length window, or windows every 100 ms over a longer recording."""
+        """One clip-length window, or windows every 100 ms over a longer recording (all in memory:
+        for clips; classify_files makes the same windows block by block)."""
+        return np.concatenate(list(self.stream_windows([samples])))
+
+    def stream_windows(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Clip-length windows [k, clip] of audio arriving in blocks: one every 100 ms from the start,
+        and one ending at the last sample; audio up to one clip long is one zero-padded window.
+
+        Holds at most one block and one clip of audio, whatever the length of the recording.
+        """
         clip = self.features.clip_samples
-        if len(samples) <= clip:
-            return np.pad(samples, (0, clip - len(samples)))[None]
-        hop = int(self.features.sample_rate * WINDOW_HOP_S)
-        starts = list(range(0, len(samples) - clip + 1, hop))
-        if starts[-1] != len(samples) - clip:
-            starts.append(len(samples) - clip)
-        return np.stack([samples[s : s + clip] for s in starts])
+        hop = int(round(self.features.sample_rate * WINDOW_HOP_S))
+        held = np.zeros(0, np.float32)  # audio from sample `held_from` on
+        held_from = total = next_start = 0
+        for block in blocks:
+            held = np.concatenate([held, np.asarray(block, np.float32)])
+            total += len(block)
+            if total >= next_start + clip:
+                count = (total - clip - next_start) // hop + 1
+                first = next_start - held_from
+                yield np.lib.stride_tricks.sliding_window_view(held[first : first + (count - 1) * hop + clip], clip)[::hop]
+                next_start += count * hop
+            keep_from = max(0, min(next_start, total - clip))  # the next window's start, and the last clip
+            held, held_from = held[keep_from - held_from :], keep_from
+        if next_start == 0:  # never a whole clip: one window, zero-padded
+            yield np.pad(held, (0, clip - len(held)))[None]
+        elif next_start - hop + clip != total:  # the last window did not reach the end
+            yield held[-clip:][None]
 
     def pick_window(self, probs: np.ndarray) -> np.ndarray:
-        top = probs.argmax(1)
-        silence = self.labels.index(SILENCE) if SILENCE in self.labels else -1
-        candidates = np.flatnonzero(top != silence)
-        if not len(candidates):
-            candidates = np.arange(len(probs))
-        return probs[candidates[probs[candidates].max(1).argmax()]]
+        """[windows, labels] -> [labels]: the most confident window whose best class is not _silence_,
+        or the most confident window when every one is silence."""
+        best = _BestWindow(self.labels.index(SILENCE) if SILENCE in self.labels else -1)
+        best.update(probs)
+        return best.probabilities
 
-    def classify_files(self, paths: list[str | os.PathLike], top_k: int = 3) -> list[FileResult]:
-        """Decode every file, score all windows of all files in shared batches, pick per file."""
-        results, spans, windows = [], [], []
-        for path in paths:
+    def classify_files(self, paths: list[str | os.PathLike], top_k: int = 3,
+                       progress: Progress | None = None) -> list[FileResult]:
+        """Classify audio files of any length; one FileResult per path, in order.
+
+        Each file is decoded a few seconds at a time and its windows join fixed-size batches shared
+        with the other files, so memory stays bounded however long a file is (measured for an hour
+        in bench/inference.py). A file that fails (on opening, or further in: damaged data, NaN,
+        samples far outside [-1, 1]) gets its error and no label; the others go on. ``progress``,
+        if given, is called after each block of a file with the seconds done and the file's length.
+        """
+        silence = self.labels.index(SILENCE) if SILENCE in self.labels else -1
+        results = [FileResult(str(path)) for path in paths]
+        best = [_BestWindow(silence) for _ in paths]
+        batch = _WindowBatch(self)
+        block_seconds = BATCH * WINDOW_HOP_S  # a block of a long file fills about one batch
+        for i, path in enumerate(paths):
             try:
-                samples = load_audio(path, self.features.sample_rate)
+                seconds, blocks = stream_audio(path, self.features.sample_rate, block_seconds)
+                decoded = _counted(blocks, self.features.sample_rate)
+                for windows in self.stream_windows(decoded):
+                    batch.add(best[i], windows)
+                    if progress is not None:
+                        progress(str(path), decoded.seconds, max(seconds, decoded.seconds))
             except SpeechRNNError as err:
-                results.append(FileResult(str(path), error=err.reason))
-                spans.append(None)
+                results[i].error = err.reason
+                batch.drop(best[i])
+        batch.flush()
+        for result, chosen in zip(results, best, strict=True):
+            if result.error is not None:
                 continue
-            w = self.windows(samples)
-            spans.append((sum(len(x) for x in windows), len(w)))
-            windows.append(w)
-            results.append(FileResult(str(path)))
-        probs = self.probabilities(np.concatenate(windows)) if windows else None
-        for result, span in zip(results, spans, strict=True):
-            if span is None:
+            p = chosen.probabilities
+            if p is None or not np.all(np.isfinite(p)):  # never a NaN on the output, whatever went in
+                result.error = "the model gave no valid probabilities for this audio"
                 continue
-            p = self.pick_window(probs[span[0] : span[0] + span[1]])
             order = np.argsort(-p)[: max(1, top_k)]
             result.label, result.score = self.labels[order[0]], float(p[order[0]])
             result.top = [(self.labels[i], float(p[i])) for i in order]
         return results
+
+
+class _counted:
+    """An iterator of audio blocks that counts the seconds it has handed out."""
+
+    def __init__(self, blocks: Iterator[np.ndarray], sample_rate: int):
+        self.blocks, self.sample_rate, self.samples = blocks, sample_rate, 0
+
+    def __iter__(self):
+        for block in self.blocks:
+            self.samples += len(block)
+            yield block
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / self.sample_rate
+
+
+class _BestWindow:
+    """The running answer for one file as its windows are scored: the most confident window whose
+    best class is not _silence_, else (while every window is silence) the most confident one."""
+
+    def __init__(self, silence: int):
+        self.silence = silence
+        self.word: np.ndarray | None = None
+        self.any: np.ndarray | None = None
+
+    def update(self, probs: np.ndarray) -> None:
+        scores = probs.max(1)
+        words = np.flatnonzero(probs.argmax(1) != self.silence)
+        if len(words):
+            i = words[scores[words].argmax()]
+            if self.word is None or scores[i] > self.word.max():
+                self.word = probs[i]
+        i = scores.argmax()
+        if self.any is None or scores[i] > self.any.max():
+            self.any = probs[i]
+
+    @property
+    def probabilities(self) -> np.ndarray | None:
+        return self.word if self.word is not None else self.any
+
+
+class _WindowBatch:
+    """Windows of any files, scored BATCH at a time; each file's _BestWindow gets its rows."""
+
+    def __init__(self, recognizer: Recognizer):
+        self.recognizer = recognizer
+        self.parts: list[tuple[_BestWindow, np.ndarray]] = []
+        self.count = 0
+
+    def add(self, owner: _BestWindow, windows: np.ndarray) -> None:
+        while len(windows):
+            take = windows[: BATCH - self.count]
+            self.parts.append((owner, take))
+            self.count += len(take)
+            windows = windows[len(take) :]
+            if self.count == BATCH:
+                self.flush()
+
+    def drop(self, owner: _BestWindow) -> None:
+        """Forget the windows of a file that failed part-way."""
+        self.parts = [(o, w) for o, w in self.parts if o is not owner]
+        self.count = sum(len(w) for _, w in self.parts)
+
+    def flush(self) -> None:
+        if not self.parts:
+            return
+        probs = self.recognizer.probabilities(np.concatenate([w for _, w in self.parts]))
+        start = 0
+        for owner, windows in self.parts:
+            owner.update(probs[start : start + len(windows)])
+            start += len(windows)
+        self.parts, self.count = [], 0

@@ -11,6 +11,9 @@ Per hop (default 200 ms: on bench/streaming.py's 6-minute real stream, hops of 1
      was reported before and its smoothed score has not yet fallen below half its threshold (one
      word stays in the 1 s window for up to a second; it must not fire twice). _silence_ and _unknown_ are never
      reported.
+When the input ends (a file's end, --duration, Ctrl-C), finish() scores what is left: the last
+second is followed by quiet until the window has moved past it, so a command said just before the
+end is not lost.
 The microphone (speechrnn.microphone) and files (`listen --input`) are only sources of chunks.
 """
 
@@ -58,7 +61,8 @@ class StreamConfig:
 @dataclass(frozen=True)
 class Detection:
     time: float  # seconds since the stream began at which the detection was made (the end of the newest
-    # audio scored): usually within a few hundred ms of the end of the word, sometimes just before it
+    # audio scored, at most the end of the input): usually within a few hundred ms of the end of the
+    # word, sometimes just before it
     label: str
     score: float
 
@@ -97,6 +101,7 @@ class StreamingDetector:
         self.samples_seen = 0
         self.hops_scored = 0
         self.detections: list[Detection] = []
+        self._end_time: float | None = None  # set by finish(): the end of the input, in seconds
 
     @property
     def stream_time(self) -> float:
@@ -108,9 +113,29 @@ class StreamingDetector:
 
     def push(self, samples: np.ndarray) -> list[Detection]:
         """Feed the next chunk (any length, float32 mono at the model's rate); get new detections."""
+        if self._end_time is not None:
+            raise RuntimeError("push() after finish(): the stream has ended")
         samples = np.asarray(samples, np.float32).reshape(-1)
         self.samples_seen += len(samples)
         self._recent = np.concatenate([self._recent, samples])[-self.features.sample_rate // 10 :]
+        return self._feed(samples)
+
+    def finish(self) -> list[Detection]:
+        """The input has ended: score what is left; get the last detections (call once).
+
+        The audio is followed by digital silence (zeros, as after every clip shorter than a second
+        the model trained on) until only the last hop of the input is left in the window, so a
+        command at the very end is scored at the window positions that one more second of quiet
+        would have given it. Detections made meanwhile are stamped at most the end of the input.
+        """
+        if self._end_time is not None:
+            return []
+        self._end_time = self.samples_seen / self.features.sample_rate
+        f = self.features
+        quiet = f.clip_samples - self._frames_per_hop * f.hop_samples
+        return self._feed(np.zeros(max(0, quiet), np.float32))
+
+    def _feed(self, samples: np.ndarray) -> list[Detection]:
         self._tail = np.concatenate([self._tail, samples])
         f = self.features
         out = []
@@ -142,7 +167,7 @@ class StreamingDetector:
         armed[list(self._disarmed)] = False
         candidates = np.where(armed & (smoothed >= self._thresholds), smoothed, -1.0)
         best = int(np.argmax(candidates))
-        now = self.stream_time
+        now = self.stream_time if self._end_time is None else min(self.stream_time, self._end_time)
         if candidates[best] < 0:
             return None
         if (now - self._last_detection) * 1000 < self.config.refractory_ms:
@@ -156,5 +181,5 @@ class StreamingDetector:
     @property
     def level(self) -> float:
         """RMS level (dBFS) of the newest 100 ms seen, for a meter."""
-        recent = self._recent if len(self._recent) else np.zeros(1, np.float32)
+        recent = self._recent.astype(np.float64) if len(self._recent) else np.zeros(1)
         return float(20 * np.log10(max(1e-6, float(np.sqrt(np.mean(recent**2))))))

@@ -27,7 +27,7 @@ import numpy as np
 
 from data_prep.audio import load_audio
 from data_prep.augment import augment, in_stream_context
-from data_prep.dataset import HOLDOUT, NOISE_REGIONS, SILENCE, SPLITS, UNKNOWN, SpeechCommands
+from data_prep.dataset import HOLDOUT, NOISE_REGIONS, SILENCE, SPLITS, UNKNOWN, SpeechCommands, words_without_clips
 from data_prep.errors import SpeechRNNError
 from data_prep.extract import WaveformLoader, featurize, progress
 from data_prep.features import mfcc_batched
@@ -73,9 +73,8 @@ class TrainingData:
             )
         self.labels = task.labels
         index = {label: i for i, label in enumerate(self.labels)}
+        # Unreadable clips are left out, each logged as an error; the run goes on (and the CLI exits 1).
         waves, kept, errors = WaveformLoader(fc).load_many(train, "loading training audio" if show_progress else None)
-        for err in errors:
-            log.warning("skipped: %s", err)
         self.train_examples = [train[i] for i in kept]
         self.train_waves = waves
         self.train_labels = np.array([index[ex.label] for ex in self.train_examples], np.int32)
@@ -98,6 +97,7 @@ class TrainingData:
         self.word_rows = np.flatnonzero(self.train_labels != index[SILENCE]) if SILENCE in index else \
             np.arange(len(self.train_labels))
         valf = featurize(val, fc, show_progress=show_progress)
+        self.skipped = [str(err) for err in [*errors, *valf.errors]]
         self.val_examples = valf.examples
         self.val_x = valf.features
         self.val_y = np.array([index[ex.label] for ex in valf.examples], np.int32)
@@ -183,6 +183,19 @@ def cut_windows(recordings: list[np.ndarray], real: list[bool], count: int, leng
         piece = rec[start : start + length]
         out[k, : len(piece)] = piece
     return out, np.array([real[r] for r in picks], bool)
+
+
+def check_words_have_clips(config: TrainConfig) -> None:
+    """Refuse, before anything is loaded or written, a task word that no folder has training clips
+    of (a typo in --words, an empty word folder): the model would get an output that never saw an
+    example. Raises SpeechRNNError naming the words and the nearest ones the folders do have."""
+    folders = [*config.data, *config.train_only]
+    problem = words_without_clips(config.task, [SpeechCommands.open(f) for f in config.data],
+                                  [SpeechCommands.open(f) for f in config.train_only])
+    if problem:
+        where = "" if len(folders) == 1 else f" in {', '.join(map(str, folders))}"
+        raise SpeechRNNError(f"{problem}{where}; every word of --words needs clips in its own <word>/ folder",
+                             folders[0] if len(folders) == 1 else None)
 
 
 def _cap_per_label(examples, cap, seed):
@@ -357,6 +370,7 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
+        check_words_have_clips(self.config)  # before TensorFlow loads and the run folder is made
         import_tf()
         import keras
 
@@ -487,6 +501,7 @@ class Trainer:
             "val_clips": len(data.val_examples),
             "data": cfg.data,
             "train_only": cfg.train_only,
+            "skipped": data.skipped,  # "<file>: <reason>" of every clip that could not be read (left out)
             "grad_norm_max": max(r["grad_norm_max"] for r in state["history"]) if state["history"] else None,
             "seconds_this_session": round(time.time() - started, 1),
         }

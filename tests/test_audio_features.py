@@ -1,8 +1,12 @@
+import logging
+import os
+import warnings
+
 import numpy as np
 import pytest
 import soundfile as sf
 
-from data_prep.audio import fix_length, load_audio
+from data_prep.audio import MAX_ABS_SAMPLE, fix_length, load_audio, stream_audio
 from data_prep.augment import AugmentConfig, active_rms, augment, change_speed, reverberate, tilt, time_shift
 from data_prep.dataset import SpeechCommands, TaskConfig
 from data_prep.errors import SpeechRNNError
@@ -41,6 +45,9 @@ def test_loads_any_rate_channels_and_format(tmp_path, shared_data):
         (lambda p: sf.write(p, np.array([0.1, np.inf], np.float32), 16000, subtype="FLOAT"), "NaN or Inf"),
         (lambda p: p.mkdir(), "directory"),
         (lambda p: None, "no such file"),
+        (lambda p: (p.symlink_to(p.with_name("other.wav")), p.with_name("other.wav").symlink_to(p)),
+         "symbolic link loop"),
+        (lambda p: p.symlink_to(p.with_name("gone.wav")), "broken symbolic link (to"),
     ],
 )
 def test_broken_audio_is_a_clear_error_naming_the_file(tmp_path, make, problem):
@@ -258,3 +265,79 @@ def test_negative_windows_are_cut_from_the_recordings():
             assert not w[9000:].any()
     again, _ = cut_windows(recordings, [True, False], 50, 16000, np.random.default_rng(3))
     np.testing.assert_array_equal(again, windows)
+
+
+def yes_clip(shared_data) -> np.ndarray:
+    return fix_length(load_audio(sorted((shared_data / "yes").iterdir())[0]), 16000)
+
+
+@pytest.mark.parametrize("scale", [32767, 1e15, 1e20, 1e30])
+def test_samples_far_outside_full_scale_are_refused(tmp_path, shared_data, scale):
+    """A float WAV of a real "yes" scaled as int16 values (or far more) is refused, whole or streamed,
+    with one line that names the file, the level and the likely cause; a little over 1 is read."""
+    clip = yes_clip(shared_data)
+    path = tmp_path / "loud.wav"
+    sf.write(path, (clip.astype(np.float64) * scale).astype(np.float32), 16000, subtype="FLOAT")
+    for read in (lambda: load_audio(path), lambda: list(stream_audio(path, block_seconds=0.05)[1])):
+        with pytest.raises(SpeechRNNError) as err:
+            read()
+        message = str(err.value)
+        assert message.startswith(f"{path}: samples reach ") and "far outside [-1, 1]" in message
+        assert "integer sample values stored as float" in message and "\n" not in message
+    sf.write(path, clip / np.abs(clip).max() * 0.99 * MAX_ABS_SAMPLE, 16000, subtype="FLOAT")
+    assert np.abs(load_audio(path)).max() > 1.0  # over full scale, within the tolerance: read as it is
+
+
+def test_mfcc_is_finite_for_any_finite_input(shared_data):
+    """float32 power spectra overflow from about 1e17 in amplitude; the features must not, and a louder
+    copy of a clip must give the same features with the level (c0) raised by exactly its gain."""
+    config = FeatureConfig()
+    clip = yes_clip(shared_data)
+    reference = mfcc(clip, config)
+    for scale in (32767, 1e15, 1e20, 1e30, float(np.finfo(np.float32).max) / float(np.abs(clip).max())):
+        loud = (clip.astype(np.float64) * scale).astype(np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no overflow or invalid-value warnings either
+            feats = mfcc(loud, config)
+            batch = mfcc(np.stack([clip, loud, np.zeros_like(clip)]), config)
+        assert np.all(np.isfinite(feats)) and np.all(np.isfinite(batch)), scale
+        np.testing.assert_allclose(feats[:, 1:], reference[:, 1:], atol=1e-3)
+        # c0 of the orthonormal DCT is the sum of the log-mel bands / sqrt(n_mels)
+        gain_db = 20 * np.log10(np.float64(loud[np.argmax(np.abs(clip))]) / clip[np.argmax(np.abs(clip))])
+        np.testing.assert_allclose(feats[:, 0] - reference[:, 0], gain_db * np.sqrt(config.n_mels), rtol=1e-5)
+        np.testing.assert_allclose(batch[0], reference, atol=1e-3)  # the quiet rows are untouched by the loud one
+        np.testing.assert_allclose(batch[2], mfcc(np.zeros_like(clip), config), atol=1e-3)
+
+
+def test_names_that_are_not_utf8_are_read(tmp_path, shared_data):
+    """A good WAV whose name is raw bytes (Latin-1, as on old disks) is read like any other; a bad one
+    fails for what is wrong with its content, not with its name."""
+    clip = yes_clip(shared_data)
+    good = os.fsdecode(bytes(tmp_path) + b"/caf\xe9_yes.wav")  # surrogate escapes, as argv gives it
+    sf.write(os.fsencode(good), clip, 16000)
+    np.testing.assert_allclose(load_audio(good), clip, atol=1e-4)
+    seconds, blocks = stream_audio(good)
+    assert seconds == 1.0 and sum(len(b) for b in blocks) == 16000
+    bad = os.fsdecode(bytes(tmp_path) + b"/\xff\xfe_notes.wav")
+    with open(os.fsencode(bad), "wb") as fh:
+        fh.write(b"not audio " * 50)
+    with pytest.raises(SpeechRNNError) as err:
+        load_audio(bad)
+    assert err.value.reason == "cannot decode audio (Format not recognised)"
+
+
+def test_truncated_wav_is_read_with_a_warning(tmp_path, shared_data, caplog):
+    """A WAV cut to half its length (its header still announces all of it): what is there, and a
+    warning that says so; an intact file: no warning."""
+    clip = yes_clip(shared_data)
+    full, cut = tmp_path / "full.wav", tmp_path / "cut.wav"
+    sf.write(full, clip, 16000, subtype="PCM_16")
+    data = full.read_bytes()
+    cut.write_bytes(data[: 44 + (len(data) - 44) // 2])
+    with caplog.at_level(logging.WARNING):
+        assert len(load_audio(full)) == 16000
+        assert not caplog.records
+        assert len(load_audio(cut)) == 8000
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{cut}: the file ends early: its header announces 1.00 s of audio, it holds 0.50 s (truncated?); "
+        "using what is there"]

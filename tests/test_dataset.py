@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from data_prep.dataset import (
     label_counts,
     speaker_of,
     split_by_hash,
+    words_without_clips,
 )
 from data_prep.errors import SpeechRNNError
 
@@ -111,3 +113,49 @@ def test_stats_cli_json_and_table(shared_data):
     assert "_silence_" in text.stdout and "total" in text.stdout
     bad = run_cli("data", "stats", str(Path("/nonexistent")))
     assert bad.returncode == 1 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_names_that_are_not_utf8_get_a_split():
+    """The split rule hashes a speaker id as the bytes of its file name; valid UTF-8 as before."""
+    raw = os.fsdecode(b"yes/caf\xe9babe_nohash_0.wav")
+    assert split_by_hash(raw) in SPLITS
+    assert split_by_hash(raw) == split_by_hash(os.fsdecode(b"no/caf\xe9babe_nohash_3.flac"))
+    assert split_by_hash("yes/0a7c2a8d_nohash_0.wav") == split_by_hash(os.fsdecode(b"yes/0a7c2a8d_nohash_0.wav"))
+
+
+def small_dataset(root: Path, shared_data: Path, words: dict[str, int]) -> Path:
+    """A Speech Commands-style folder of links to real clips: ``{word: how many}`` (0: an empty folder)."""
+    for word, count in words.items():
+        (root / word).mkdir(parents=True)
+        for src in sorted((shared_data / word).iterdir())[:count]:
+            (root / word / src.name).symlink_to(src)
+    return root
+
+
+def test_a_task_word_without_clips_is_named(tmp_path, shared_data):
+    dataset = SpeechCommands.open(shared_data)
+    assert words_without_clips(TaskConfig(("yes", "no")), [dataset]) is None
+    assert words_without_clips(TaskConfig(("yes", "noo")), [dataset]) == "no training clips of 'noo' (did you mean 'no'?)"
+    empty_no = SpeechCommands.open(small_dataset(tmp_path / "d", shared_data, {"yes": 30, "no": 0}))
+    assert words_without_clips(TaskConfig(("yes", "no")), [empty_no]) == "no training clips of 'no'"
+    # Clips in a train-only folder (synthetic speech) count.
+    only_no = SpeechCommands.open(small_dataset(tmp_path / "extra", shared_data, {"no": 3}))
+    assert words_without_clips(TaskConfig(("yes", "no")), [empty_no], [only_no]) is None
+
+
+def test_stats_names_a_word_without_clips_and_an_empty_noise_folder_once(tmp_path, shared_data):
+    root = small_dataset(tmp_path / "d", shared_data, {"yes": 30, "no": 0, "bed": 30})  # bed: unknown words
+    (root / "_background_noise_").mkdir()
+    result = run_cli("data", "stats", str(root), "--task-words", "yes,no")
+    assert result.returncode == 0, result.stderr
+    noise_folder = root / "_background_noise_"
+    assert result.stderr.splitlines() == [
+        f"warning: {root}: no training clips of 'no'; `speechrnn train` refuses a word without clips",
+        f"warning: {noise_folder}: the folder holds no audio files; no _silence_ examples (1 s cuts of background noise)",
+    ]
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+    assert rows["no"] == ["0", "0", "0"] and int(rows["yes"][0]) > 0  # the missing word is a row of zeros
+    typo = run_cli("data", "stats", str(shared_data), "--task-words", "yes,noo", "--json")
+    assert typo.returncode == 0 and json.loads(typo.stdout)["training"]["yes"] > 0
+    assert typo.stderr.strip() == (f"warning: {shared_data}: no training clips of 'noo' (did you mean 'no'?); "
+                                   "`speechrnn train` refuses a word without clips")

@@ -96,7 +96,6 @@ class CliRun:
                                          stdout=out, stderr=err, env={**os.environ, **(env or {})},
                                          preexec_fn=lambda: child_setup(background))
         self.started = time.monotonic()
-        self.ended: float | None = None
         self.duration: float | None = None  # its --duration, where it has one
 
     @property
@@ -130,8 +129,6 @@ class CliRun:
         except subprocess.TimeoutExpired:
             self.kill()
             pytest.fail(f"{self.name} did not end within {timeout:.0f} s: {self.describe()}", pytrace=False)
-        if self.ended is None:
-            self.ended = time.monotonic()
         return self
 
     def kill(self) -> None:
@@ -340,8 +337,8 @@ class MicSession:
     timed: CliRun
     named: CliRun
     sequence: Sequence
-    ready: dict[str, float]  # when each listener was seen listening
-    played: dict[str, float]  # when playback into its sink began
+    ready: dict[str, float]  # when each listener was seen listening (test's clock)
+    played: dict[str, float]  # when playback into its sink began (test's clock)
 
 
 def play_when_listening(virtual_mic, sequence: Sequence, runs: dict[str, tuple[CliRun, str]]):
@@ -383,11 +380,12 @@ def mic_session(calibration, virtual_mic, named_listener, sequence, timed_listen
     except (Exception, pytest.fail.Exception):
         pass  # not this session's business: its own test reports it
     wait_played(players["named"], sequence)
-    time.sleep(1.0)  # the last word is detected <= ~0.6 s after its clip ends, the capture lags ~0.3 s
+    # No wait for the last word to be scored: at Ctrl-C the listener scores what it has captured
+    # (its last word ended TAIL seconds before the file did).
     named_listener.proc.send_signal(signal.SIGINT)
-    named_listener.finish(timeout=30)
+    named_listener.finish()
     wait_played(players["timed"], sequence)
-    timed_listener.finish(timeout=timed_listener.duration + 60)
+    timed_listener.finish(timeout=timed_listener.duration + STARTUP_TIMEOUT)
     return MicSession(timed_listener, named_listener, sequence, ready, played)
 
 
@@ -410,11 +408,13 @@ def test_microphone_hears_the_played_words_and_stops_after_duration(mic_session)
     run = mic_session.timed
     assert run.returncode == 0, run.describe()
     check_heard(run, mic_session)
-    # Times count from when the stream began: it was seen listening (within 50 ms), then the
-    # file was played into the sink at once; the capture lags playback by ~0.3 s.
+    # Times count from when the stream began (check_heard holds their spacing to the file's): the
+    # file was played into the sink after the listener was seen listening, so no word is stamped
+    # before its time in the file; and the stream began after the process started, so none later
+    # than that much (plus ~0.3 s of capture lag). Neither bound depends on how busy the machine is.
     offsets = np.array([d["time"] for d in run.detections()]) - mic_session.sequence.expected_times()
-    began = mic_session.played["timed"] - mic_session.ready["timed"]
-    assert -0.5 < float(np.median(offsets)) - began < 1.5, (offsets, began)
+    latest = mic_session.played["timed"] - run.started
+    assert -0.5 < float(np.median(offsets)) < latest + 1.5, (offsets, latest)
     summary = [line for line in run.stderr.splitlines() if line.startswith("listened ")]
     expected = (f"listened {run.duration:.1f}s: {len(WORDS)} detections "
                 f"({', '.join(mic_session.sequence.words)})")
@@ -498,12 +498,9 @@ def test_vanishing_microphone_ends_with_an_error(vanishing_mic):
     run.wait_for_stderr(READY_MARK)
     time.sleep(0.5)
     assert run.proc.poll() is None, f"it stopped before its device went: {run.describe()}"
-    killed = time.monotonic()
     mic.kill_server()
-    run.finish(timeout=60)
-    took = run.ended - killed
+    run.finish()  # a generous limit against a hang only: how soon it notices is the machine's business
     assert run.returncode not in (0, None), run.describe()
-    assert took < 20, f"took {took:.1f} s to notice: {run.describe()}"
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "device" in errors[0], run.describe()
     assert "Traceback" not in run.stderr, run.describe()

@@ -216,6 +216,21 @@ def test_evaluate_flat_folder(trained, tmp_path):
     report = json.loads(result.stdout)
     assert report["examples"] == 10
     assert report["per_class"]["_unknown_"]["support"] == 3 and report["per_class"]["_silence_"]["support"] == 1
+    assert report["skipped"] == [] and result.stderr == ""
+
+    # Two clips that cannot be read: the report covers the other ten, each failure is one line, exit 1.
+    (flat / "yes" / "empty.wav").write_bytes(b"")
+    (flat / "down" / "notes.wav").write_text("not audio\n" * 20)
+    for args in (["--json"], []):
+        result = run_cli("evaluate", str(trained["export"]), str(flat), *args)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert sorted(result.stderr.splitlines()) == [
+            f"error: {flat / 'down' / 'notes.wav'}: cannot decode audio (Format not recognised)",
+            f"error: {flat / 'yes' / 'empty.wav'}: cannot decode audio (Format not recognised)"]
+    assert "accuracy" in result.stdout and "left out 2 unreadable files (named on stderr)" in result.stdout
+    report = json.loads(run_cli("evaluate", str(trained["export"]), str(flat), "--json").stdout)
+    assert report["examples"] == 10 and len(report["skipped"]) == 2
 
 
 def _bad_files(tmp: Path) -> dict[str, Path]:
@@ -343,3 +358,108 @@ def test_export_of_several_runs_averages_their_probabilities(trained, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "task (words, split seed, holdout) differ" in result.stderr and str(second) in result.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def word_clip_the_model_knows(rec, shared_data) -> tuple[str, np.ndarray]:
+    """A held-out clip of a command that the tiny model, on its own, gives its right label with p > 0.8."""
+    for ex in held_out_clips(shared_data, 40):
+        wave = fix_length(load_audio(ex.path), 16000)
+        probs = rec.probabilities(wave[None])[0]
+        if rec.labels[probs.argmax()] == ex.label and probs.max() > 0.8:
+            return ex.label, wave
+    pytest.fail("the tiny model is sure of none of 40 held-out clips")
+
+
+def test_serving_default_scores_any_length_like_classify(trained, tmp_path):
+    """The exported signature, as a model server calls it (plain tf.saved_model.load): a word in the
+    second second of 2.55 s of quiet is found, with the probabilities `classify` gives the same audio
+    as a file; up to one second, the zero-padded clip; the XLA twin agrees."""
+    import tensorflow as tf
+
+    from speechrnn.recognizer import Recognizer
+
+    rec = Recognizer(trained["export"])
+    word, clip = word_clip_the_model_knows(rec, trained["data"])
+    quiet = load_audio(trained["data"] / "_background_noise_" / "pink_noise.flac")[-48000:] * 0.01
+    # 2.55 s, the word at 1.2-2.2 s: windows at 0, 0.1 ... 1.5 s and one ending at the last sample (1.55 s)
+    long = np.concatenate([quiet[:19200], clip, quiet[19200:24800]]).astype(np.float32)
+    short = clip[:12000]
+    loaded = tf.saved_model.load(str(trained["export"]))
+    serve = loaded.signatures["serving_default"]
+    for wave in (long, short):
+        sf.write(tmp_path / "w.wav", wave, 16000, subtype="FLOAT")
+        classified = rec.classify_files([tmp_path / "w.wav"], top_k=len(rec.labels))[0]
+        expected = np.array([dict(classified.top)[label] for label in rec.labels])
+        out = serve(waveform=tf.constant(wave[None]))
+        np.testing.assert_allclose(out["probabilities"].numpy()[0], expected, atol=1e-4)
+        assert out["label"].numpy()[0].decode() == classified.label == word
+    # The first second alone is quiet: scoring only that (what the signature did) would miss the word.
+    assert serve(waveform=tf.constant(long[None, :16000]))["label"].numpy()[0].decode() != word
+    # A batch of rows of one length: each row its own answer.
+    both = serve(waveform=tf.constant(np.stack([long, np.zeros_like(long)])))
+    assert [x.decode() for x in both["label"].numpy()] == [word, "_silence_"]
+    xla = tf.saved_model.load(str(trained["export"] / "xla")).signatures["waveform_xla"]
+    np.testing.assert_allclose(xla(waveform=tf.constant(long[None]))["probabilities"].numpy(),
+                               serve(waveform=tf.constant(long[None]))["probabilities"].numpy(), atol=1e-4)
+
+
+def test_the_export_never_gives_nan_for_finite_input(trained, shared_data):
+    """Far outside the [-1, 1] contract (int16 values as float, and beyond), the exported features do
+    not overflow: the outputs are finite probabilities (meaningless, but never NaN)."""
+    import tensorflow as tf
+
+    clip = fix_length(load_audio(sorted((shared_data / "yes").iterdir())[0]), 16000).astype(np.float64)
+    loud = np.stack([clip * s for s in (32767, 1e15, 1e20, 1e30, 3e38 / np.abs(clip).max())]).astype(np.float32)
+    serve = tf.saved_model.load(str(trained["export"])).signatures["serving_default"]
+    probs = serve(waveform=tf.constant(loud))["probabilities"].numpy()
+    assert np.all(np.isfinite(probs)) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def save_other_model(tf, folder: Path, labels: int, frames: tuple[int, int], same_interface: bool) -> None:
+    """Another TensorFlow model saved over an export folder (TF keeps the old assets/ and xla/)."""
+    class Other(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="waveform")])
+        def waveform(self, waveform):
+            probs = tf.ones([tf.shape(waveform)[0], labels]) / labels
+            return {"probabilities": probs, "label": tf.fill([tf.shape(waveform)[0]], "x"), "score": probs[:, 0]}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *frames], tf.float32, name="mfcc")])
+        def mfcc(self, mfcc):
+            return self.waveform(tf.reshape(mfcc, [tf.shape(mfcc)[0], -1]))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float32, name="x")])
+        def other(self, x):
+            return {"y": tf.reduce_sum(x, axis=1)}
+
+    other = Other()
+    signatures = ({"serving_default": other.waveform, "mfcc": other.mfcc} if same_interface
+                  else {"serving_default": other.other})
+    tf.saved_model.save(other, str(folder), signatures=signatures)
+
+
+def test_an_export_overwritten_by_another_model_is_refused(trained, tmp_path, shared_data):
+    """classify, listen and info: one clear error, no traceback, for a copy of the shipped model with
+    another graph saved over it (its metadata is stale), and for a copy of a new export with another
+    graph of the very same interface (its recorded sha256 no longer matches)."""
+    import shutil
+
+    import tensorflow as tf
+
+    clip = str(sorted((shared_data / "yes").iterdir())[0])
+    shipped = tmp_path / "default"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "models" / "default", shipped)
+    save_other_model(tf, shipped, 12, (98, 40), same_interface=False)
+    lookalike = tmp_path / "lookalike"
+    shutil.copytree(trained["export"], lookalike)
+    assert run_cli("info", str(lookalike)).returncode == 0  # a copy is still the export it was
+    save_other_model(tf, lookalike, 6, (98, 40), same_interface=True)
+    for folder, problem in ((shipped, "saved_model.pb: signature 'serving_default' takes x float32 [-1, 5], not waveform float32 [-1, -1]"),
+                            (lookalike, "saved_model.pb is not the graph this export was written with")):
+        expected = (f"error: {folder}: {problem}: the folder holds another model than assets/speechrnn.json "
+                    "describes; export the run again")
+        for args in (["classify", str(folder), clip, clip], ["listen", str(folder), "--input", clip],
+                     ["info", str(folder)]):
+            result = run_cli(*args)
+            assert result.returncode == 1, (args, result.stderr)
+            assert result.stderr.splitlines() == [expected], args
+            assert result.stdout == ""

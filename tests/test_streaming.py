@@ -254,3 +254,28 @@ def test_each_window_is_the_mfcc_of_the_last_second():
         expected = mfcc(audio[end - SR : end], FEATURES)
         assert expected.shape == window.shape
         np.testing.assert_allclose(window, expected, rtol=1e-5, atol=1e-3, err_msg=f"hop {k}")
+
+
+# -- the end of the input -------------------------------------------------------------------------
+
+def test_finish_scores_the_end_of_the_input():
+    """A command whose smoothed score would reach the threshold one hop after the input ends: push()
+    alone misses it; finish() scores on as if quiet followed and reports it, stamped at the end of
+    the input, without counting the quiet as input."""
+    script = during(range(10, 14), probs(yes=0.9))  # calls 10, 11 in the input; 12, 13 after its end
+    audio = audio_for(12)  # 2.1 s: calls 0-11
+    scores = ScriptedScores(script)
+    detector = StreamingDetector(scores, LABELS, FEATURES, StreamConfig(**TIMELINE))
+    assert detector.push(audio) == []  # 0.0, 0.9, 0.9 averaged: 0.6 < 0.7
+    found = detector.finish()
+    assert summary(found) == [(2.1, "yes")] and found[0].score == pytest.approx(0.9)
+    assert detector.detections == found and detector.samples_seen == len(audio)
+    # The quiet goes on until only the last hop of the input is left in the window (9 more calls).
+    assert len(scores.windows) == 12 + 9
+    assert detector.finish() == []
+    with pytest.raises(RuntimeError, match="after finish"):
+        detector.push(audio[:800])
+    # A stream shorter than the window is scored too (it never was before).
+    short = StreamingDetector(ScriptedScores({0: probs(no=0.95)}), LABELS, FEATURES, StreamConfig(**TIMELINE))
+    assert short.push(audio[:8000]) == []
+    assert summary(short.finish()) == [(0.5, "no")]

@@ -162,3 +162,41 @@ def test_domain_adversarial_training_resumes_and_exports_without_its_head(tmp_pa
     exported = json.loads(check.stdout.strip().splitlines()[-1])
     # the classifier's own weights and nothing more (the domain head alone has over 2,000)
     assert exported == {"shape": [1, 4], "values": json.loads((run / "summary.json").read_text())["parameters"]}
+
+
+def test_unreadable_clips_are_named_left_out_and_exit_1(tmp_path, shared_data):
+    """One rule for inputs that fail (README, "Exit status"): a dataset with two unreadable clips
+    trains on the rest, names each on one `error:` line, records them in summary.json, exits 1."""
+    from data_prep.dataset import split_by_hash
+
+    data = tmp_path / "data"
+    for word in ("yes", "no", "bed"):
+        (data / word).mkdir(parents=True)
+        for src in sorted((shared_data / word).iterdir())[:40]:
+            (data / word / src.name).symlink_to(src)
+    (data / "_background_noise_").mkdir()
+    for src in sorted((shared_data / "_background_noise_").glob("*_noise.flac")):
+        (data / "_background_noise_" / src.name).symlink_to(src)
+    broken = [n for n in (f"{i:08x}_nohash_0.wav" for i in range(100)) if split_by_hash(n) == "training"][:2]
+    (data / "yes" / broken[0]).write_bytes(b"")
+    (data / "no" / broken[1]).write_text("not audio\n" * 10)
+    run = tmp_path / "run"
+    result = run_cli("train", "--data", str(data), "--out", str(run), "--words", "yes,no", "--units", "8", "--layers",
+                     "1", "--epochs", "1", "--batch-size", "16", "--no-augment", env={"SPEECHRNN_CACHE": str(tmp_path / "c")})
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert errors == [f"error: {data / 'no' / broken[1]}: cannot decode audio (Format not recognised)",
+                      f"error: {data / 'yes' / broken[0]}: cannot decode audio (Format not recognised)"]
+    assert "Traceback" not in result.stderr and "trained without 2 unreadable clips" in result.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(summary["skipped"]) == [e.removeprefix("error: ") for e in errors]
+    assert summary["epochs_run"] == 1 and (run / "checkpoints" / "best.npz").exists()
+
+
+def test_a_word_without_training_clips_is_refused_before_training(tmp_path, shared_data):
+    result = run_cli("train", "--data", str(shared_data), "--out", str(tmp_path / "run"), "--words", "yes,noo")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: {shared_data}: no training clips of 'noo' (did you mean 'no'?); every word of --words needs clips "
+        "in its own <word>/ folder"]
+    assert not (tmp_path / "run").exists()  # nothing written: the same command works once the typo is fixed
