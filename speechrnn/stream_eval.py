@@ -309,8 +309,9 @@ def format_score(score: StreamScore) -> str:
     pct = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     on = sum(fa.cause in CAUSES_ON_COMMAND for fa in score.false_alarms)
     lines = [
-        f"recall {pct(f['recall'])} ({c['matched']} of {c['command_words']} commands found), "
-        f"precision {pct(f['precision'])} ({c['detections']} detections) in {score.duration_s / 60:.1f} min",
+        (f"recall {pct(f['recall'])} ({c['matched']} of {c['command_words']} commands found), "
+         if c["command_words"] else "no command words listed; ")
+        + f"precision {pct(f['precision'])} ({c['detections']} detections) in {score.duration_s / 60:.1f} min",
         f"false alarms {c['false_alarms']} = {f['false_alarms_per_hour']:g} per hour: "
         f"{on} on a command ({f['false_alarms_per_hour_on_command']:g}/h), "
         f"{c['false_alarms'] - on} with no command spoken ({f['false_alarms_per_hour_no_command']:g}/h)",
