@@ -255,13 +255,26 @@ def test_score_stream_runs_the_listen_path_and_scores_it(cli_runs, stream):
     assert f"= {report['false_alarms_per_hour']:g} per hour" in text
 
 
-def test_score_stream_writes_the_timeline_png(cli_runs):
-    _, png = cli_runs
+def test_score_stream_writes_the_timeline_png(cli_runs, model_dir):
+    runs, png = cli_runs
     from PIL import Image
+
+    from speechrnn.timeline import COLOURS, FALSE_ALARM
 
     with Image.open(png) as image:
         assert image.format == "PNG"
         assert image.size == (1600, round(100 * (1.0 + 1.45 * 1)))  # one 30 s row for 15 s of audio
+        pixels = np.asarray(image.convert("RGB"), np.int32).reshape(-1, 3)
+
+    def drawn(hex_colour: str) -> int:
+        rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+        return int((np.abs(pixels - rgb).sum(1) < 40).sum())
+
+    report = json.loads(runs["json"][1])
+    commands = [label for label in (model_dir / "assets" / "labels.txt").read_text().split() if label[0] != "_"]
+    for label in {d["label"] for d in report["detections"]}:  # a detected command's posterior curve and marker
+        assert drawn(COLOURS[commands.index(label)]) > 50, label
+    assert drawn(FALSE_ALARM) > 20  # "go missed", in red
 
 
 def test_score_stream_usage_and_input_errors(tmp_path, stream):
