@@ -1,33 +1,41 @@
-"""Benchmark: streaming keyword detection on a long generated stream with known word times.
+"""Benchmark: streaming keyword detection on long generated streams with known word times.
 
-Builds a stream at 16 kHz from real clips the model never trained on (the dataset's validation
-split plus the task's "holdout" split), over continuous real background noise cut from the
-non-training part (0.8-1.0) of each `_background_noise_` recording. Every 2.5-3.5 s it inserts
-a command word (75%) or a distractor: another word of the dataset, or nothing. The stream is
-written to a wav and run through the same path as `speechrnn listen --input` (detector_for +
-run_listener + file_chunk_source); detections are matched to the ground truth and the figures
-are printed as one JSON object (progress goes to stderr).
+The streams (bench/stream_material.py) are written to a wav, run through the same path as
+`speechrnn listen --input` (speechrnn.stream_eval.stream_file) and scored by the library behind
+`speechrnn score-stream` (speechrnn.stream_eval.score_stream: a detection matches a command word
+of its label within [word start, word end + 1 s]; every other detection is a false alarm, on a
+command or with no command spoken). One JSON object on stdout; progress on stderr.
+
+Command streams: real unseen clips (validation split + the task's holdout), a word every
+2.5-3.5 s (75% commands), over held-out real background noise.
 
     .venv/bin/python bench/streaming.py [--model DIR] [--minutes 6] [--sweep 100,150,200,250]
                                         [--thresholds 0.5,0.6,0.7,0.8,0.9] [--memory]
+    .venv/bin/python bench/streaming.py --seeds 0,1,2,3,4,5 [--threshold 0.7] [--threshold up=0.85]
 
---thresholds re-runs the stream at the first hop with each threshold (the trade-off between
-recall and false alarms); its rows are summaries only.
+--thresholds re-runs the stream at the first hop with each threshold (its rows are summaries);
+--seeds pools several independent streams with one setting (one 6-minute stream holds ~90
+commands); --noise-db=-70,-60 gives near-silence; --clips testing takes the testing split (the
+full dataset has one; the shared subset has not).
 
---seeds 0,1,2 instead scores several independent streams with one setting and pools them (one
-6-minute stream holds ~90 commands, so one or two words move its recall by a point):
+No-command hour (--no-command-minutes 60): everyday sentences holding none of the commands, half
+Kokoro (seed 901, voice blends of its own), half espeak-ng (seed 902), with 0.3-1.5 s pauses over
+held-out real noise; every ~30 s a new noise, speech level (-28 to -16 dBFS) and SNR (10-25 dB).
+The sentences are made once, with `speechrnn data sentences`, into
+$SPEECHRNN_CACHE/bench/no-command/ (Kokoro: ~0.6 s of CPU per second of speech, so an hour takes
+~30-60 min). Reports false alarms per hour of talk (the figure wake-word engines publish), which
+labels fired and on which sentences.
 
-    .venv/bin/python bench/streaming.py --seeds 0,1,2 [--threshold 0.7] [--hop-ms 200]
-
-Matching: a detection matches a command word when the labels agree and its time lies in
-[word_start, word_end + 1 s]; each word is matched at most once. Anything else is a false alarm,
-and the targets count them all; false_alarms_per_hour_no_command counts only those where no command
-was spoken (in noise alone or on another word), leaving out a wrong label on a real command.
+Calibration (--calibrate): per command, the lowest threshold in 0.50-0.99 at which (and above
+which) that command's own false alarms stay within --fa-budget / number of commands per hour, on
+validation-split streams (seeds 100-105 unless --seeds), the others at their usual thresholds;
+posteriors are recorded once per stream and replayed per threshold. Printed as `--threshold
+LABEL=T` arguments for `speechrnn export`.
 """
-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -37,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -45,361 +53,101 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_prep.audio import fix_length, load_audio  # noqa: E402
-from data_prep.dataset import HOLDOUT, NOISE_REGIONS, SpeechCommands, TaskConfig  # noqa: E402
+from stream_material import (  # noqa: E402
+    CLIPS,
+    RATE,
+    SENTENCE_SEEDS,
+    Stream,
+    build_no_command_stream,
+    build_stream,
+    info,
+    kokoro_voices_in_training,
+    sentence_material,
+    speechrnn_command,
+    write_looped,
+    write_pcm16,
+)
+
+from data_prep.dataset import SpeechCommands, TaskConfig  # noqa: E402
+from speechrnn.stream_eval import (  # noqa: E402
+    MATCH_AFTER_END_S,
+    StreamScore,
+    commands_of,
+    score_stream,
+    stream_file,
+    write_truth,
+)
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "speech_commands"
 DEFAULT_MODEL = REPO / "models" / "default"
-RATE = 16000
-MATCH_AFTER_END_S = 1.0  # a detection may come up to this long after the word ends
 TARGETS = {"recall_min": 0.90, "false_alarms_per_hour_max": 10.0, "latency_median_ms_max": 500.0,
-           "cpu_percent_one_core_max": 5.0}
-# Noise may come from the validation and testing regions only, never the part training cuts from.
-NOISE_REGION = (NOISE_REGIONS["validation"][0], NOISE_REGIONS["testing"][1])
-FADE_S = 0.05  # cross-fade at noise loop points and noise changes, so they make no clicks
+           "cpu_percent_one_core_max": 5.0, "no_command_false_alarms_per_hour_max": 2.0}
+CALIBRATION_SEEDS = "100,101,102,103,104,105"  # never the reported streams' 0-5
+THRESHOLD_GRID = np.round(np.arange(0.50, 0.995, 0.01), 2)
 
 
-def info(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+# ----------------------------------------------------------------------------- running and scoring
 
 
-# ----------------------------------------------------------------------------- the stream
+def stream_config(hop_ms: float | None, args: argparse.Namespace, threshold: float | None = None):
+    """listen's StreamConfig with the bench's --hop-ms/--threshold/--smoothing-ms/--refractory-ms."""
+    from speechrnn.streaming import StreamConfig
+
+    overall, per_label = args.threshold
+    changes = dict(hop_ms=hop_ms, threshold=overall if threshold is None else threshold,
+                   smoothing_ms=args.smoothing_ms, refractory_ms=args.refractory_ms,
+                   label_thresholds=per_label or None)
+    return dataclasses.replace(StreamConfig(), **{k: v for k, v in changes.items() if v is not None})
 
 
-@dataclass
-class Event:
-    kind: str  # "command", "unknown" or "nothing"
-    label: str  # the command (task label), the spoken word for unknown, "" for nothing
-    clip_start: float  # seconds; the 1 s clip starts here in the stream
-    word_start: float = 0.0
-    word_end: float = 0.0
-    path: str = ""
-    split: str = ""
-    peak_dbfs: float = -120.0
-    snr_db: float = 0.0  # word RMS over the noise RMS around it
-    noise: str = ""
-    extent_from_energy: bool = True  # False: no clear energy extent, the whole clip counts as the word
+def parse_thresholds(values: list[str] | None) -> tuple[float | None, dict[str, float]]:
+    """--threshold T and --threshold LABEL=T (repeatable), as listen takes them."""
+    overall, per_label = None, {}
+    for value in values or []:
+        label, _, number = value.rpartition("=")
+        if label:
+            per_label[label] = float(number)
+        else:
+            overall = float(number)
+    return overall, per_label
 
 
-@dataclass
-class NoiseSegment:
-    start: float
-    end: float
-    file: str
-    level_db: float  # noise RMS relative to the median speech peak
+def score(stream: Stream, run, commands: list[str]) -> StreamScore:
+    return score_stream(run.detections, stream.truth(), stream.seconds, commands)
 
 
-@dataclass
-class Stream:
-    samples: np.ndarray
-    events: list[Event]
-    noise: list[NoiseSegment]
-    reference_peak: float
-    clip_sources: Counter = field(default_factory=Counter)
-    reused_clips: int = 0
-
-    @property
-    def seconds(self) -> float:
-        return len(self.samples) / RATE
-
-    def commands(self) -> list[Event]:
-        return [e for e in self.events if e.kind == "command"]
-
-
-def word_extent(clip: np.ndarray, below_peak_db: float = 40.0, above_floor_db: float = 10.0,
-                bridge_s: float = 0.15, min_range_db: float = 15.0) -> tuple[float, float, bool]:
-    """Start and end (seconds inside the clip) of the word, from 20 ms frame energies every 10 ms.
-
-    A frame is voiced when it is within 40 dB of the loudest frame and at least 10 dB above the
-    clip's own floor (its 10th-percentile frame): many clips carry room noise within 40 dB of the
-    peak, and -40 dB alone would mark the whole second. The word is the run of voiced frames around
-    the loudest one, bridging gaps up to 150 ms (the closure in "stop", a weak "f" in "off").
-    A clip whose loudest frame is less than 15 dB over its floor (speech buried in its own noise,
-    ~2% of clips) has no energy extent: the whole clip is the word, and the third value is False.
-    """
-    hop, win = RATE // 100, RATE // 50
-    n = 1 + max(0, len(clip) - win) // hop
-    energy = np.array([np.sqrt(np.mean(clip[i * hop : i * hop + win] ** 2)) for i in range(n)])
-    db = 20 * np.log10(np.maximum(energy, 1e-9))
-    floor = float(np.percentile(db, 10))
-    if db.max() - floor < min_range_db:
-        return 0.0, len(clip) / RATE, False
-    voiced = db >= max(db.max() - below_peak_db, floor + above_floor_db)
-    bridge = round(bridge_s * 100)
-    first = last = int(np.argmax(db))
-    while (earlier := np.flatnonzero(voiced[max(0, first - bridge) : first])).size:
-        first = max(0, first - bridge) + int(earlier[0])
-    while (later := np.flatnonzero(voiced[last + 1 : last + 1 + bridge])).size:
-        last = last + 1 + int(later[-1])
-    return first * hop / RATE, (last * hop + win) / RATE, True
-
-
-def crossfade_concat(pieces: list[np.ndarray], fade: int) -> np.ndarray:
-    """Join pieces end to start, overlapping ``fade`` samples with an equal-power cross-fade."""
-    out = pieces[0].astype(np.float32)
-    ramp = np.linspace(0, np.pi / 2, fade, dtype=np.float32)
-    fade_in, fade_out = np.sin(ramp), np.cos(ramp)
-    for piece in pieces[1:]:
-        if len(out) < fade or len(piece) < fade:
-            out = np.concatenate([out, piece])
-            continue
-        mixed = out[-fade:] * fade_out + piece[:fade] * fade_in
-        out = np.concatenate([out[:-fade], mixed, piece[fade:]])
+def figures(stream: Stream, result: StreamScore, details: bool = True) -> dict:
+    """score_stream's figures, with each miss's clip, SNR and noise (from the stream's events)."""
+    out = result.to_dict(details=details)
+    event = {(e.label, e.word_start): e for e in stream.commands()}
+    snr = lambda words: round(float(np.median([event[w.label, w.start].snr_db for w in words])), 1) if words else None  # noqa: E731
+    out["median_snr_db"] = {"detected": snr([h.word for h in result.hits]), "missed": snr([m.word for m in result.misses])}
+    for miss, missed in zip(out.get("misses", []), result.misses, strict=False):
+        e = event[missed.word.label, missed.word.start]
+        miss.update(whole_clip_extent=not e.extent_from_energy, snr_db=e.snr_db, peak_dbfs=round(e.peak_dbfs, 1),
+                    noise=e.noise, clip=str(Path(e.path).relative_to(Path(e.path).parents[1])), clip_start=e.clip_start)
     return out
 
 
-def looped(region: np.ndarray, length: int, start: int, fade: int) -> np.ndarray:
-    """``length`` samples of ``region`` played from ``start`` and looped with cross-fades."""
-    pieces, total = [region[start:]], len(region) - start
-    while total < length + fade:
-        pieces.append(region)
-        total += len(region) - fade
-    return crossfade_concat(pieces, fade)[:length]
-
-
-class ClipPool:
-    """Draws clips without replacement, reshuffling when a pool is used up (counted as reuse)."""
-
-    def __init__(self, rng: np.random.Generator):
-        self.rng = rng
-        self.pools: dict[str, list] = {}
-        self.order: dict[str, list[int]] = {}
-        self.reused = 0
-
-    def add(self, key: str, items: list) -> None:
-        self.pools.setdefault(key, []).extend(items)
-
-    def draw(self, key: str):
-        if not self.order.get(key):
-            if key in self.order:
-                self.reused += 1
-            self.order[key] = list(self.rng.permutation(len(self.pools[key])))
-        return self.pools[key][self.order[key].pop()]
-
-
-def build_stream(data: Path, task: TaskConfig, minutes: float, seed: int, command_fraction: float = 0.75,
-                 unknown_share: float = 2 / 3, noise_db: tuple[float, float] = (-35.0, -20.0),
-                 gap_s: tuple[float, float] = (2.5, 3.5), noise_change_s: float = 30.0) -> Stream:
-    rng = np.random.default_rng(seed)
-    dataset = SpeechCommands.open(data)
-    words = set(task.words)
-    commands = [e for e in dataset.examples(task, "validation") if e.label in words and not e.is_cut]
-    commands += dataset.examples(task, HOLDOUT)
-    unknown = [c for c in dataset.clips if c.split == "validation" and c.word not in words]
-    if not commands:
-        raise SystemExit(f"{data}: no validation or holdout clips of the task's words {sorted(words)}")
-    if not dataset.noise_files:
-        raise SystemExit(f"{data}: no _background_noise_ folder")
-    pool = ClipPool(rng)
-    for ex in commands:
-        pool.add(ex.label, [ex])
-    pool.add("_unknown_", unknown)
-    labels = sorted({ex.label for ex in commands})  # balanced: each label equally likely
-
-    total = int(minutes * 60 * RATE)
-    events: list[Event] = []
-    t = 1.5  # the detector scores nothing before its first full second
-    while t + 1.5 <= total / RATE:
-        draw = rng.random()
-        if draw < command_fraction:
-            ex = pool.draw(labels[rng.integers(len(labels))])
-            events.append(Event("command", ex.label, t, path=str(ex.path), split=ex.split))
-        elif unknown and draw < command_fraction + (1 - command_fraction) * unknown_share:
-            clip = pool.draw("_unknown_")
-            events.append(Event("unknown", clip.word, t, path=str(clip.path), split=clip.split))
-        else:
-            events.append(Event("nothing", "", t))
-        t += rng.uniform(*gap_s)
-
-    speech = np.zeros(total, np.float32)
-    for event in events:
-        if not event.path:
-            continue
-        clip = fix_length(load_audio(event.path, RATE), RATE)
-        start = int(round(event.clip_start * RATE))
-        speech[start : start + RATE] += clip
-        s, e, event.extent_from_energy = word_extent(clip)
-        event.word_start, event.word_end = event.clip_start + s, event.clip_start + e
-        event.peak_dbfs = float(20 * np.log10(max(1e-9, float(np.abs(clip).max()))))
-    peaks = [10 ** (e.peak_dbfs / 20) for e in events if e.path]
-    reference = float(np.median(peaks)) if peaks else 0.3
-
-    # Continuous noise, a new recording and level every ~30 s, looped from its held-out region.
-    fade = int(FADE_S * RATE)
-    regions: dict[Path, np.ndarray] = {}
-    for path in dataset.noise_files:
-        audio = load_audio(path, RATE)
-        region = audio[int(len(audio) * NOISE_REGION[0]) : int(len(audio) * NOISE_REGION[1])]
-        regions[path] = region / max(1e-9, float(np.sqrt(np.mean(region**2))))  # unit RMS
-    segments: list[NoiseSegment] = []
-    pieces = []
-    position = 0
-    while position < total:
-        length = min(total - position, int(rng.uniform(0.8, 1.2) * noise_change_s * RATE))
-        path = dataset.noise_files[rng.integers(len(dataset.noise_files))]
-        level = float(rng.uniform(*noise_db))
-        region = regions[path]
-        piece = looped(region, length + fade, int(rng.integers(len(region))), fade)
-        pieces.append(piece * np.float32(reference * 10 ** (level / 20)))
-        segments.append(NoiseSegment(position / RATE, (position + length) / RATE, path.name, round(level, 1)))
-        position += length
-    noise = crossfade_concat(pieces, fade)[:total]
-
-    for event in events:
-        if not event.path:
-            continue
-        a, b = int(event.word_start * RATE), int(event.word_end * RATE)
-        word_rms = np.sqrt(np.mean(speech[a:b] ** 2))
-        noise_rms = np.sqrt(np.mean(noise[a:b] ** 2))
-        event.snr_db = round(float(20 * np.log10(max(word_rms, 1e-9) / max(noise_rms, 1e-9))), 1)
-        event.noise = next(s.file for s in segments if s.start <= event.word_start < s.end)
-    samples = np.clip(speech + noise, -1.0, 1.0).astype(np.float32)
-    sources = Counter(e.split for e in events if e.path)
-    return Stream(samples, events, segments, reference, sources, pool.reused)
-
-
-def write_pcm16(path: Path, samples: np.ndarray) -> None:
-    import soundfile as sf
-
-    sf.write(str(path), samples, RATE, subtype="PCM_16", format="WAV")
-
-
-def write_looped(path: Path, samples: np.ndarray, seconds: float) -> None:
-    """``seconds`` of ``samples`` repeated, written block by block (an hour never sits in memory)."""
-    import soundfile as sf
-
-    remaining = int(seconds * RATE)
-    with sf.SoundFile(str(path), "w", RATE, 1, subtype="PCM_16", format="WAV") as out:
-        while remaining > 0:
-            block = samples[:remaining]
-            out.write(block)
-            remaining -= len(block)
-
-
-# ----------------------------------------------------------------------------- matching
-
-
-def no_command(causes: Counter) -> int:
-    """False alarms with no command spoken at all (noise alone, another word): what a user hears as
-    the spotter firing by itself; the others are a wrong label on a real command."""
-    return causes["in_noise_only"] + causes["on_unknown_word"]
-
-
-def match(stream: Stream, detections: list[dict]) -> dict:
-    truths = stream.commands()
-    matched: dict[int, dict] = {}  # truth index -> detection
-    false_alarms: Counter = Counter()
-    fa_list = []
-    for det in sorted(detections, key=lambda d: d["time"]):
-        t = det["time"]
-        hit = next((i for i, e in enumerate(truths) if i not in matched and e.label == det["label"]
-                    and e.word_start <= t <= e.word_end + MATCH_AFTER_END_S), None)
-        if hit is not None:
-            matched[hit] = det
-            continue
-        near = [e for e in stream.events if e.path and e.word_start <= t <= e.word_end + MATCH_AFTER_END_S]
-        if near and near[0].kind == "command" and near[0].label == det["label"]:
-            why = "repeat_on_matched_word"
-        elif near and near[0].kind == "command":
-            why = f"wrong_label_on_command ({near[0].label})"
-        elif near:
-            why = f"on_unknown_word ({near[0].label})"
-        else:
-            why = "in_noise_only"
-        false_alarms[why.split(" ")[0]] += 1
-        fa_list.append({**det, "cause": why})
-
-    # Latency only where the word's end is known (not the whole-clip fallback of word_extent).
-    latencies = np.array([matched[i]["time"] - truths[i].word_end for i in matched
-                          if truths[i].extent_from_energy]) * 1000
-    per_label: dict[str, dict] = {}
-    for i, e in enumerate(truths):
-        row = per_label.setdefault(e.label, {"words": 0, "detected": 0})
-        row["words"] += 1
-        row["detected"] += i in matched
-    misses = []
-    for i, e in enumerate(truths):
-        if i in matched:
-            continue
-        other = [d["label"] for d in detections if e.word_start <= d["time"] <= e.word_end + MATCH_AFTER_END_S]
-        misses.append({"time": round(e.word_start, 2), "label": e.label, "detected_as": other or None,
-                       "whole_clip_extent": not e.extent_from_energy,
-                       "snr_db": e.snr_db, "peak_dbfs": round(e.peak_dbfs, 1), "noise": e.noise,
-                       "clip": str(Path(e.path).relative_to(Path(e.path).parents[1]))})
-    hours = stream.seconds / 3600
-    n_fa = sum(false_alarms.values())
-    hit_snr = [truths[i].snr_db for i in matched]
-    return {
-        "recall": round(len(matched) / len(truths), 4) if truths else None,
-        "precision": round(len(matched) / len(detections), 4) if detections else None,
-        "f1": round(2 * len(matched) / (len(truths) + len(detections)), 4) if truths or detections else None,
-        "false_alarms_per_hour": round(n_fa / hours, 1),
-        "latency_median_ms": round(float(np.median(latencies)), 0) if len(latencies) else None,
-        "latency_p90_ms": round(float(np.percentile(latencies, 90)), 0) if len(latencies) else None,
-        "counts": {"command_words": len(truths), "detections": len(detections), "matched": len(matched),
-                   "missed": len(truths) - len(matched), "false_alarms": n_fa},
-        "per_label_recall": {k: round(v["detected"] / v["words"], 3) for k, v in sorted(per_label.items())},
-        "per_label_counts": {k: f"{v['detected']}/{v['words']}" for k, v in sorted(per_label.items())},
-        "misses_by_cause": dict(Counter("wrong_label" if m["detected_as"] else "no_detection" for m in misses)),
-        "median_snr_db": {"detected": round(float(np.median(hit_snr)), 1) if hit_snr else None,
-                          "missed": round(float(np.median([m["snr_db"] for m in misses])), 1) if misses else None},
-        "false_alarms_by_cause": dict(false_alarms),
-        "false_alarms_per_hour_no_command": round(no_command(false_alarms) / hours, 1),
-        "misses": misses,
-        "false_alarm_list": fa_list,
-        "latencies_ms": [round(float(x), 1) for x in latencies],  # for pooling; not printed
-    }
-
-
-def targets_met(figures: dict) -> dict:
+def targets_met(f: dict) -> dict:
     def ok(value, limit, lower_is_better=True):
         return None if value is None else (value <= limit if lower_is_better else value >= limit)
 
     return {
-        f"recall >= {TARGETS['recall_min']:.0%}": ok(figures["recall"], TARGETS["recall_min"], False),
+        f"recall >= {TARGETS['recall_min']:.0%}": ok(f["recall"], TARGETS["recall_min"], False),
         f"false alarms/h <= {TARGETS['false_alarms_per_hour_max']:g}": ok(
-            figures["false_alarms_per_hour"], TARGETS["false_alarms_per_hour_max"]),
+            f["false_alarms_per_hour"], TARGETS["false_alarms_per_hour_max"]),
         f"median latency <= {TARGETS['latency_median_ms_max']:g} ms": ok(
-            figures["latency_median_ms"], TARGETS["latency_median_ms_max"]),
+            f["latency_median_ms"], TARGETS["latency_median_ms_max"]),
         f"CPU <= {TARGETS['cpu_percent_one_core_max']:g}% of one core": ok(
-            figures["cpu_percent_one_core"], TARGETS["cpu_percent_one_core_max"]),
+            f["cpu_percent_one_core"], TARGETS["cpu_percent_one_core_max"]),
     }
 
 
-# ----------------------------------------------------------------------------- running
-
-
-def stream_config(hop_ms: float, args: argparse.Namespace, threshold: float | None = None):
-    import dataclasses
-
-    from speechrnn.streaming import StreamConfig
-
-    threshold = args.threshold if threshold is None else threshold
-    changes = {k: v for k, v in dict(hop_ms=hop_ms, threshold=threshold, smoothing_ms=args.smoothing_ms,
-                                     refractory_ms=args.refractory_ms).items() if v is not None}
-    return dataclasses.replace(StreamConfig(), **changes)
-
-
-def run_in_process(recognizer, wav: Path, config) -> tuple[list[dict], dict]:
-    """The `listen --input` path: detector_for + file_chunk_source + run_listener, CPU-timed."""
-    from speechrnn.microphone import detector_for, file_chunk_source, run_listener
-
-    detector = detector_for(recognizer, config)  # compiles the scorer once, outside the timed part
-    wall = time.perf_counter()
-    stats = run_listener(detector, file_chunk_source(wav), lambda d: None)
-    wall = time.perf_counter() - wall
-    timing = {"cpu_seconds": round(stats.cpu_seconds, 2), "wall_seconds": round(wall, 2),
-              "cpu_percent_one_core": round(100 * stats.cpu_seconds / stats.seconds, 2),
-              "faster_than_realtime": round(stats.seconds / wall, 1), "hops_scored": detector.hops_scored,
-              "label_thresholds": detector.config.label_thresholds}  # the model's own, or those given
-    return [d.to_json() for d in stats.detections], timing
-
-
 def cli_command(model: str, wav: Path, config, extra: tuple[str, ...] = ("--json",)) -> list[str]:
-    exe = Path(sys.executable).with_name("speechrnn")
-    base = [str(exe)] if exe.exists() else [sys.executable, "-c", "from speechrnn.cli import main; main()"]
-    return [*base, "listen", model, "--input", str(wav), "--hop-ms", str(config.hop_ms), "--threshold",
-            str(config.threshold), "--smoothing-ms", str(config.smoothing_ms), "--refractory-ms",
+    thresholds = [a for label, t in (config.label_thresholds or {}).items() for a in ("--threshold", f"{label}={t}")]
+    return [*speechrnn_command(), "listen", model, "--input", str(wav), "--hop-ms", str(config.hop_ms), "--threshold",
+            str(config.threshold), *thresholds, "--smoothing-ms", str(config.smoothing_ms), "--refractory-ms",
             str(config.refractory_ms), *extra]
 
 
@@ -416,25 +164,29 @@ def compare_detections(a: list[dict], b: list[dict]) -> dict:
         for x, y in zip(a, b, strict=False))
     out: dict = {"in_process": len(a), "cli": len(b), "identical": same}
     if not same:
-        out["max_score_difference"] = max((abs(x["score"] - y["score"]) for x, y in zip(a, b, strict=False)
-                                           if x["label"] == y["label"]), default=None)
         out["first_difference"] = next(([x, y] for x, y in zip(a, b, strict=False)
-                                        if x["label"] != y["label"] or abs(x["time"] - y["time"]) >= 1e-3),
-                                       None)
+                                        if x["label"] != y["label"] or abs(x["time"] - y["time"]) >= 1e-3), None)
     return out
 
 
 def offline_check(recognizer, stream: Stream, misses: list[dict]) -> None:
     """For each missed word, what the plain (non-streaming) model says on the best 1 s window."""
     for miss in misses:
-        event = next(e for e in stream.commands() if round(e.word_start, 2) == miss["time"])
-        a = int(max(0.0, event.clip_start - 0.5) * RATE)
-        b = int(min(stream.seconds, event.clip_start + 1.5) * RATE)
+        a = int(max(0.0, miss["clip_start"] - 0.5) * RATE)
+        b = int(min(stream.seconds, miss["clip_start"] + 1.5) * RATE)
         probs = recognizer.probabilities(recognizer.windows(stream.samples[a:b]))
-        k = recognizer.labels.index(event.label)
+        k = recognizer.labels.index(miss["label"])
         best = probs[int(np.argmax(probs[:, k]))]
         miss["best_window_p_true"] = round(float(best[k]), 3)
         miss["best_window_top"] = recognizer.labels[int(np.argmax(best))]
+
+
+def streamed(recognizer, stream: Stream, config, record: bool = False, keep: Path | None = None):
+    """The stream through the `listen --input` path (written to a wav first)."""
+    with tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp:
+        wav = (keep or Path(tmp)) / "stream.wav"
+        write_pcm16(wav, stream.samples)
+        return stream_file(recognizer, wav, config, record_posteriors=record)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -442,13 +194,9 @@ def offline_check(recognizer, stream: Stream, misses: list[dict]) -> None:
 
 def rss_kb(pid: int) -> tuple[int, int] | None:
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
         return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-    except (KeyError, ValueError):
+    except (OSError, KeyError, ValueError):
         return None
 
 
@@ -460,7 +208,7 @@ def watch_memory(cmd: list[str], marker_s: float | None = 60.0, poll_s: float = 
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     progress = {"stream_s": 0.0, "detections": 0}
-    lines: list[str] = []
+    errors: list[str] = []
 
     def read_stdout() -> None:
         for line in proc.stdout:
@@ -468,18 +216,14 @@ def watch_memory(cmd: list[str], marker_s: float | None = 60.0, poll_s: float = 
                 progress["stream_s"] = json.loads(line)["time"]
                 progress["detections"] += 1
 
-    def read_stderr() -> None:
-        lines.extend(proc.stderr)
-
-    threads = [threading.Thread(target=read_stdout, daemon=True), threading.Thread(target=read_stderr, daemon=True)]
+    threads = [threading.Thread(target=read_stdout, daemon=True),
+               threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)]
     for thread in threads:
         thread.start()
     samples: list[tuple[float, float, int]] = []  # (wall s, stream s, RSS kB)
-    at_marker = None
-    hwm = 0
+    at_marker, hwm = None, 0
     while proc.poll() is None:
-        now = rss_kb(proc.pid)
-        if now:
+        if now := rss_kb(proc.pid):
             samples.append((time.monotonic() - start, progress["stream_s"], now[0]))
             hwm = max(hwm, now[1])
             if at_marker is None and marker_s is not None and progress["stream_s"] >= marker_s:
@@ -488,11 +232,10 @@ def watch_memory(cmd: list[str], marker_s: float | None = 60.0, poll_s: float = 
     for thread in threads:
         thread.join(timeout=5)
     if proc.returncode:
-        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {''.join(lines)[-2000:]}")
-    final = samples[-1][2] if samples else None
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {''.join(errors)[-2000:]}")
     mb = lambda kb: None if kb is None else round(kb / 1024, 1)  # noqa: E731
-    out = {"wall_seconds": round(time.monotonic() - start, 1), "rss_mb_at_end": mb(final), "peak_rss_mb": mb(hwm),
-           "detections": progress["detections"],
+    out = {"wall_seconds": round(time.monotonic() - start, 1), "rss_mb_at_end": mb(samples[-1][2] if samples else None),
+           "peak_rss_mb": mb(hwm), "detections": progress["detections"],
            "rss_timeline [wall s, stream s, MB]": [[round(w), round(s), mb(r)]
                                                     for w, s, r in samples[:: max(1, len(samples) // 8)]]}
     if marker_s is not None:
@@ -508,25 +251,125 @@ def memory_check(model: str, stream: Stream, config, tmp: Path, speed: float) ->
     info(f"memory: 2 listener runs; the hour one takes ~{3600 / max(speed, 1e-6) / 60:.0f} min at the measured speed")
     try:
         one = watch_memory(cli_command(model, minute, config), marker_s=None)
-        info(f"1-minute file: end RSS {one['rss_mb_at_end']} MB")
         long = watch_memory(cli_command(model, hour, config))
-        info(f"60-minute file: RSS {long['rss_mb_after_first_minute']} MB after 1 min, {long['rss_mb_at_end']} MB at end")
     finally:
         minute.unlink(missing_ok=True)
         hour.unlink(missing_ok=True)
-
-    def ratio(a, b):
-        return None if a is None or b is None else round(a / b, 3)
-
+    ratio = lambda a, b: None if a is None or b is None else round(a / b, 3)  # noqa: E731
     first = ratio(long["rss_mb_at_end"], long["rss_mb_after_first_minute"])
     whole = ratio(long["rss_mb_at_end"], one["rss_mb_at_end"])
+    return {"listen_1_minute_file": one, "listen_60_minute_file": long, "hour_end_vs_its_first_minute": first,
+            "hour_end_vs_1_minute_file_end": whole,
+            "within_5_percent": all(r is not None and abs(r - 1) <= 0.05 for r in (first, whole)),
+            "whole_hour_as_float32_mb": round(3600 * RATE * 4 / 2**20, 1)}  # what loading the file at once would add
+
+
+# ----------------------------------------------------------------------------- the no-command hour
+
+
+def no_command_hour(args: argparse.Namespace, recognizer) -> dict:
+    folders = sentence_material(args.no_command_minutes, args.no_command_speakers)
+    config = stream_config(args.hop_ms, args)
+    with tempfile.TemporaryDirectory(prefix="bench-no-command-") as tmp:
+        keep = Path(args.save) if args.save else Path(tmp)
+        keep.mkdir(parents=True, exist_ok=True)
+        wav = keep / "no_command.wav"
+        info(f"building {args.no_command_minutes:g} minutes of talk without commands (seed {args.seed}) ...")
+        truth, described = build_no_command_stream(folders, Path(args.data), args.no_command_minutes, args.seed, wav)
+        if args.save:
+            write_truth(keep / "no_command_truth.csv", truth)
+            (keep / "no_command_sentences.json").write_text(json.dumps(described, indent=1))
+        info(f"streaming {len(truth)} sentences through the listen --input path ...")
+        run = stream_file(recognizer, wav, config)
+    result = score_stream(run.detections, truth, run.seconds, commands_of(recognizer.labels))
+    f = result.to_dict()
+    said = {s["start"]: s for s in described["sentences"]}
+    alarms = [{**fa.detection.to_json(), **({k: said[round(fa.event.start, 3)][k] for k in ("text", "engine", "voice")}
+                                            if fa.event else {"text": None})} for fa in result.false_alarms]
+    sentences = described["sentences"]
+    kokoro = {s["voice"] for s in sentences if s["engine"] == "kokoro"}
     return {
-        "listen_1_minute_file": one,
-        "listen_60_minute_file": long,
-        "hour_end_vs_its_first_minute": first,
-        "hour_end_vs_1_minute_file_end": whole,
-        "within_5_percent": all(r is not None and abs(r - 1) <= 0.05 for r in (first, whole)),
-        "whole_hour_as_float32_mb": round(3600 * RATE * 4 / 2**20, 1),  # what loading the file at once would add
+        "model": str(args.model), "config": run.config.to_dict(), "seed": args.seed,
+        "material": [str(f) for f in folders],
+        "minutes": round(run.seconds / 60, 2),
+        "sentences": len(sentences), "sentences_reused": described["sentences_reused"],
+        "sentences_by_engine": dict(Counter(s["engine"] for s in sentences)),
+        "speakers_by_engine": {e: len({s["voice"] for s in sentences if s["engine"] == e}) for e in SENTENCE_SEEDS},
+        "kokoro_voices": kokoro_voices_in_training(kokoro),
+        "speech_minutes": round(sum(e.end - e.start for e in truth) / 60, 2),
+        "median_local_snr_db": float(np.median([s["local_snr_db"] for s in sentences])) if sentences else None,
+        "false_alarms": len(result.false_alarms),
+        "false_alarms_per_hour": f["false_alarms_per_hour"],
+        "false_alarms_by_label": f["false_alarms_by_label"],
+        "false_alarms_by_engine": dict(Counter(a.get("engine") for a in alarms)),
+        "false_alarm_list": alarms if args.details else alarms[:30],
+        "target_false_alarms_per_hour_max": TARGETS["no_command_false_alarms_per_hour_max"],
+        **run.timing(),
+    }
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def calibrate(args: argparse.Namespace, recognizer, task, noise_db) -> dict:
+    """Per-command thresholds from validation-split streams (see the module docstring)."""
+    from speechrnn.streaming import replay_posteriors
+
+    seeds = [int(s) for s in (args.seeds or CALIBRATION_SEEDS).split(",")]
+    commands = commands_of(recognizer.labels)
+    recorded = []
+    for seed in seeds:
+        info(f"calibration stream {seed}: {args.minutes:g} minutes of validation-split clips ...")
+        stream = build_stream(Path(args.data), task, args.minutes, seed, noise_db=noise_db, clips="validation")
+        run = streamed(recognizer, stream, stream_config(args.hop_ms, args), record=True)
+        times, raw, _ = run.trace.arrays()
+        recorded.append((stream.truth(), times, raw, stream.seconds, run.trace.end_time))
+    base = run.config  # the given settings over the model's own per-command thresholds
+    hours = sum(r[3] for r in recorded) / 3600
+    budget = args.fa_budget / len(commands)
+
+    def replayed(config) -> StreamScore:
+        return StreamScore.pooled(score_stream(replay_posteriors(times, raw, recognizer.labels, config,
+                                                               end_time=end), truth, seconds, commands)
+                                  for truth, times, raw, seconds, end in recorded)
+
+    chosen, rows = {}, {}
+    for label in commands:
+        best = None
+        for t in THRESHOLD_GRID[::-1]:  # from the top down: the lowest threshold with all above it in budget
+            result = replayed(dataclasses.replace(base, label_thresholds={**(base.label_thresholds or {}), label: float(t)}))
+            own = sum(fa.detection.label == label for fa in result.false_alarms) / hours
+            if own > budget:
+                break
+            found, words = result.per_command().get(label, (0, 0))
+            best = (float(t), round(own, 1), f"{found}/{words}")
+        chosen[label] = best[0] if best else float(THRESHOLD_GRID[-1])
+        rows[label] = {"threshold": chosen[label], "budget_met": best is not None,
+                       "own_false_alarms_per_hour": best[1] if best else None, "recall": best[2] if best else None}
+        info(f"{label}: threshold {chosen[label]:.2f} ({rows[label]})")
+    before = replayed(base).to_dict()
+    after = replayed(dataclasses.replace(base, label_thresholds=chosen)).to_dict()
+    keep = ("recall", "false_alarms_per_hour", "false_alarms_per_hour_no_command", "latency_median_ms",
+            "per_label_counts", "false_alarms_by_label")
+    arguments = " ".join(f"--threshold {label}={t:.2f}" for label, t in chosen.items())
+    if any(c.split == "testing" for c in SpeechCommands.open(args.data).clips):
+        check = f"python bench/streaming.py --clips testing --seeds 0,1,2,3,4,5 {arguments}"
+    else:  # e.g. the shared subset, which holds no testing-split speaker
+        check = (f"no testing split in {args.data}: the reported streams (seeds 0-5) draw on the same validation "
+                 f"clips, in other streams; the no-command hour is independent: python bench/streaming.py "
+                 f"--no-command-minutes 60 {arguments}")
+    info(f"for `speechrnn export RUN OUT`: {arguments}")
+    return {
+        "model": str(args.model), "config": base.to_dict(), "streams": {"clips": "validation", "seeds": seeds,
+                                                                         "minutes": round(hours * 60, 1)},
+        "false_alarm_budget_per_hour": {"all_commands": args.fa_budget, "each_command": round(budget, 2)},
+        "rule": "per command, the lowest threshold in 0.50-0.99 at which it and every higher one keep that command's "
+                "own false alarms within its budget, the other commands at their usual thresholds",
+        "per_command": rows,
+        "with_usual_thresholds": {k: before[k] for k in keep},
+        "with_chosen_thresholds": {k: after[k] for k in keep},
+        "export_arguments": arguments,
+        "check": check,
     }
 
 
@@ -535,172 +378,93 @@ def memory_check(model: str, stream: Stream, config, tmp: Path, speed: float) ->
 
 def best_hop(runs: list[dict]) -> float | None:
     """Most targets met, then the best F1 (recall and false alarms together), then least CPU."""
-    if not runs:
-        return None
     key = lambda r: (sum(bool(v) for v in r["targets_met"].values()), r["figures"]["f1"] or 0,  # noqa: E731
                      -r["figures"]["cpu_percent_one_core"])
-    return max(runs, key=key)["config"]["hop_ms"]
+    return max(runs, key=key)["config"]["hop_ms"] if runs else None
 
 
 def pooled_seeds(args: argparse.Namespace, recognizer, task, noise_db: tuple[float, float]) -> dict:
     """One setting over several streams: per-stream figures and the pooled counts."""
-    from speechrnn.streaming import StreamConfig
-
-    config = stream_config(args.hop_ms or StreamConfig().hop_ms, args)
+    config = stream_config(args.hop_ms, args)
+    commands = commands_of(recognizer.labels)
     seeds = [int(s) for s in args.seeds.split(",")]
-    per_seed, words, matched, false_alarms, seconds, cpu = [], 0, 0, 0, 0.0, 0.0
-    latencies: list[float] = []
-    labels: dict[str, list[int]] = {}
-    causes: Counter = Counter()
-    misses: Counter = Counter()
+    per_seed, results, seconds, cpu = [], [], 0.0, 0.0
     for seed in seeds:
         info(f"seed {seed}: building a {args.minutes:g}-minute stream ...")
-        stream = build_stream(Path(args.data), task, args.minutes, seed, noise_db=noise_db)
-        with tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp:
-            wav = Path(tmp) / "stream.wav"
-            write_pcm16(wav, stream.samples)
-            detections, timing = run_in_process(recognizer, wav, config)
-        f = match(stream, detections)
-        c = f["counts"]
-        words += c["command_words"]
-        matched += c["matched"]
-        false_alarms += c["false_alarms"]
+        stream = build_stream(Path(args.data), task, args.minutes, seed, noise_db=noise_db, clips=args.clips)
+        run = streamed(recognizer, stream, config)
+        result = score(stream, run, commands)
+        results.append(result)
         seconds += stream.seconds
-        cpu += timing["cpu_seconds"]
-        causes.update(f["false_alarms_by_cause"])
-        misses.update(f["misses_by_cause"])
-        latencies += f["latencies_ms"]
-        for label, text in f["per_label_counts"].items():
-            a, b = (int(x) for x in text.split("/"))
-            row = labels.setdefault(label, [0, 0])
-            row[0] += a
-            row[1] += b
-        info(f"seed {seed}: recall {f['recall']}, false alarms {c['false_alarms']}")
-        keep = ("recall", "precision", "false_alarms_per_hour", "false_alarms_per_hour_no_command",
-                "latency_median_ms", "counts",
-                "per_label_counts", "false_alarms_by_cause", "misses_by_cause")
-        per_seed.append({"seed": seed, **{k: f[k] for k in keep},
-                         **({"misses": f["misses"], "false_alarm_list": f["false_alarm_list"]} if args.details else {})})
+        cpu += run.cpu_seconds
+        f = figures(stream, result, args.details)
+        info(f"seed {seed}: recall {f['recall']}, false alarms {f['counts']['false_alarms']}")
+        per_seed.append({"seed": seed, **{k: v for k, v in f.items() if k not in ("per_label_recall", "median_snr_db")}})
     return {
         "model": str(args.model),
-        "config": {**config.to_dict(), "label_thresholds": timing["label_thresholds"]},
+        "config": run.config.to_dict(),
+        "clips": args.clips,
         "noise_db_re_median_speech_peak": list(noise_db),
         "seeds": seeds,
-        "pooled": {
-            "minutes": round(seconds / 60, 1),
-            "command_words": words,
-            "matched": matched,
-            "recall": round(matched / words, 4) if words else None,
-            "false_alarms": false_alarms,
-            "false_alarms_per_hour": round(false_alarms / (seconds / 3600), 1),
-            "latency_median_ms": round(float(np.median(latencies)), 0) if latencies else None,
-            "cpu_percent_one_core": round(100 * cpu / seconds, 2),
-            "per_label_counts": {k: f"{a}/{b}" for k, (a, b) in sorted(labels.items())},
-            "false_alarms_by_cause": dict(causes),
-            "false_alarms_per_hour_no_command": round(no_command(causes) / (seconds / 3600), 1),
-            "misses_by_cause": dict(misses),
-        },
+        "pooled": {**StreamScore.pooled(results).to_dict(), "cpu_percent_one_core": round(100 * cpu / seconds, 2)},
         "targets": TARGETS,
         "per_seed": per_seed,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--minutes", type=float, default=6.0, help="length of the generated stream")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds: one setting over several streams, pooled")
-    parser.add_argument("--sweep", default=None, help="comma-separated hops in ms, e.g. 100,150,200,250")
-    parser.add_argument("--hop-ms", type=float, default=None, help="one hop (default: StreamConfig's)")
-    parser.add_argument("--threshold", type=float, default=None)
-    parser.add_argument("--thresholds", default=None, help="comma-separated thresholds to sweep at the first hop")
-    parser.add_argument("--smoothing-ms", type=float, default=None)
-    parser.add_argument("--refractory-ms", type=float, default=None)
-    parser.add_argument("--noise-db", default="-35,-20", help="noise RMS range, dB relative to the median speech peak")
-    parser.add_argument("--no-cli-check", action="store_true", help="skip running `speechrnn listen` once")
-    parser.add_argument("--memory", action="store_true", help="also the 1-minute vs 60-minute RSS check (slow)")
-    parser.add_argument("--save", default=None, help="folder to keep stream.wav and truth.json in")
-    parser.add_argument("--details", action="store_true", help="list every miss and false alarm")
-    args = parser.parse_args()
-
-    from data_prep.features import mfcc
-    from speechrnn.recognizer import Recognizer
+def single_stream(args: argparse.Namespace, recognizer, task, noise_db, warm: float) -> dict:
     from speechrnn.streaming import StreamConfig
 
-    recognizer = Recognizer(args.model)
-    # librosa's first MFCC call loads numba kernels (seconds of CPU): a one-off start-up cost of
-    # `listen`, kept out of the per-second-of-audio figure and reported on its own.
-    warm = time.process_time()
-    mfcc(np.zeros(recognizer.features.clip_samples, np.float32), recognizer.features)
-    warm = time.process_time() - warm
-    task = TaskConfig.from_dict(recognizer.meta["task"])
-    noise_db = tuple(sorted(float(x) for x in args.noise_db.split(",")))
-    if args.seeds:
-        print(json.dumps(pooled_seeds(args, recognizer, task, noise_db), indent=2))
-        return
+    commands = commands_of(recognizer.labels)
     info(f"building a {args.minutes:g}-minute stream (seed {args.seed}) ...")
-    stream = build_stream(Path(args.data), task, args.minutes, args.seed, noise_db=noise_db)
-    kinds = Counter(e.kind for e in stream.events)
+    stream = build_stream(Path(args.data), task, args.minutes, args.seed, noise_db=noise_db, clips=args.clips)
     hops = [float(h) for h in args.sweep.split(",")] if args.sweep else [args.hop_ms or StreamConfig().hop_ms]
-
     with tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp_name:
         tmp = Path(args.save) if args.save else Path(tmp_name)
         tmp.mkdir(parents=True, exist_ok=True)
         wav = tmp / "stream.wav"
         write_pcm16(wav, stream.samples)
-        if args.save:
-            truth = {"events": [asdict(e) for e in stream.events], "noise": [asdict(s) for s in stream.noise]}
-            (tmp / "truth.json").write_text(json.dumps(truth, indent=1))
+        if args.save:  # score it again with `speechrnn score-stream MODEL stream.wav truth.csv`
+            write_truth(tmp / "truth.csv", stream.truth())
+            (tmp / "truth.json").write_text(json.dumps({"events": [asdict(e) for e in stream.events],
+                                                        "noise": [asdict(s) for s in stream.noise]}, indent=1))
         runs = []
         for hop in hops:
-            config = stream_config(hop, args)
             info(f"streaming {stream.seconds:.0f} s with hop {hop:g} ms ...")
-            detections, timing = run_in_process(recognizer, wav, config)
-            figures = match(stream, detections)
-            figures.pop("latencies_ms")
-            figures.update(timing)
-            info(f"hop {hop:g} ms: recall {figures['recall']}, false alarms/h {figures['false_alarms_per_hour']}, "
-                 f"CPU {timing['cpu_percent_one_core']}% of a core, {timing['faster_than_realtime']}x real time")
+            run = stream_file(recognizer, wav, stream_config(hop, args))
+            f = {**figures(stream, score(stream, run, commands)), **run.timing()}
+            info(f"hop {hop:g} ms: recall {f['recall']}, false alarms/h {f['false_alarms_per_hour']}, "
+                 f"CPU {f['cpu_percent_one_core']}% of a core, {f['faster_than_realtime']}x real time")
             # The detector averages round(smoothing / hop) hops, so the sweep changes the smoothing span too.
-            smoothing_hops = max(1, round(config.smoothing_ms / config.hop_ms))
-            runs.append({"config": {**config.to_dict(), "label_thresholds": figures.pop("label_thresholds")},
-                         "smoothing_hops": smoothing_hops, "figures": figures, "targets_met": targets_met(figures),
-                         "detections": detections})
+            runs.append({"config": run.config.to_dict(), "smoothing_hops": max(1, round(run.config.smoothing_ms / hop)),
+                         "figures": f, "targets_met": targets_met(f), "detections": [d.to_json() for d in run.detections]})
         threshold_rows = []
         for threshold in [float(t) for t in args.thresholds.split(",")] if args.thresholds else []:
-            config = stream_config(hops[0], args, threshold)
-            detections, timing = run_in_process(recognizer, wav, config)
-            figures = match(stream, detections)
-            info(f"threshold {threshold:g}: recall {figures['recall']}, false alarms/h {figures['false_alarms_per_hour']}")
-            threshold_rows.append({"threshold": threshold, **{k: figures[k] for k in (
+            f = score(stream, stream_file(recognizer, wav, stream_config(hops[0], args, threshold)), commands).to_dict()
+            info(f"threshold {threshold:g}: recall {f['recall']}, false alarms/h {f['false_alarms_per_hour']}")
+            threshold_rows.append({"threshold": threshold, **{k: f[k] for k in (
                 "recall", "precision", "false_alarms_per_hour", "false_alarms_per_hour_no_command",
                 "latency_median_ms", "counts", "false_alarms_by_cause", "misses_by_cause")}})
         default_run = runs[0]
         offline_check(recognizer, stream, default_run["figures"]["misses"])
         cli = None
         if not args.no_cli_check:
-            config = stream_config(hops[0], args)
             info(f"running `speechrnn listen --input` once (hop {hops[0]:g} ms) to compare ...")
-            cli = compare_detections(default_run["detections"], run_cli(args.model, wav, config))
+            cli = compare_detections(default_run["detections"], run_cli(args.model, wav, stream_config(hops[0], args)))
         memory = None
         if args.memory:
             memory = memory_check(args.model, stream, stream_config(hops[0], args), Path(tmp_name),
                                   default_run["figures"]["faster_than_realtime"])
-
     for run in runs:
         run.pop("detections")
         if not args.details and run is not default_run:
             run["figures"].pop("misses")
             run["figures"].pop("false_alarm_list")
-    report = {
-        "model": str(args.model),
-        "data": str(args.data),
-        "seed": args.seed,
+    return {
+        "model": str(args.model), "data": str(args.data), "seed": args.seed, "clips": args.clips,
         "stream": {
             "seconds": round(stream.seconds, 1),
-            "events": dict(kinds),
+            "events": dict(Counter(e.kind for e in stream.events)),
             "clips_by_split": dict(stream.clip_sources),
             "clip_pools_reshuffled": stream.reused_clips,
             "noise_db_re_median_speech_peak": list(noise_db),
@@ -722,6 +486,61 @@ def main() -> None:
         "cpu_note": f"process_time of all threads over the listener run; {os.cpu_count()} CPUs, "
                     f"load average {os.getloadavg()[0]:.1f} at the end",
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--minutes", type=float, default=6.0, help="length of each generated command stream")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds: one setting over several streams, pooled")
+    parser.add_argument("--clips", choices=sorted(CLIPS), default="validation+holdout",
+                        help="split(s) the command streams' clips and noise come from")
+    parser.add_argument("--sweep", default=None, help="comma-separated hops in ms, e.g. 100,150,200,250")
+    parser.add_argument("--hop-ms", type=float, default=None, help="one hop (default: StreamConfig's)")
+    parser.add_argument("--threshold", action="append", default=None, metavar="T|LABEL=T",
+                        help="as listen's: every command's, or one command's (repeatable)")
+    parser.add_argument("--thresholds", default=None, help="comma-separated thresholds to sweep at the first hop")
+    parser.add_argument("--smoothing-ms", type=float, default=None)
+    parser.add_argument("--refractory-ms", type=float, default=None)
+    parser.add_argument("--noise-db", default="-35,-20", help="noise RMS range, dB relative to the median speech peak")
+    parser.add_argument("--no-cli-check", action="store_true", help="skip running `speechrnn listen` once")
+    parser.add_argument("--memory", action="store_true", help="also the 1-minute vs 60-minute RSS check (slow)")
+    parser.add_argument("--save", default=None, help="folder to keep the stream's wav and truth (CSV) in")
+    parser.add_argument("--details", action="store_true", help="list every miss and false alarm")
+    parser.add_argument("--no-command-minutes", type=float, default=None,
+                        help="instead: this many minutes of sentences without any command (false alarms per hour)")
+    parser.add_argument("--no-command-speakers", type=int, default=50, help="Kokoro voice blends for those sentences")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="instead: per-command thresholds on validation-split streams (seeds 100-105)")
+    parser.add_argument("--fa-budget", type=float, default=TARGETS["false_alarms_per_hour_max"],
+                        help="--calibrate: false alarms per hour allowed, over all commands")
+    args = parser.parse_args()
+    try:
+        args.threshold = parse_thresholds(args.threshold)
+    except ValueError:
+        parser.error("--threshold takes T or LABEL=T")
+
+    from data_prep.features import mfcc
+    from speechrnn.recognizer import Recognizer
+
+    recognizer = Recognizer(args.model)
+    # librosa's first MFCC call loads numba kernels (seconds of CPU): a one-off start-up cost of
+    # `listen`, kept out of the per-second-of-audio figure and reported on its own.
+    warm = time.process_time()
+    mfcc(np.zeros(recognizer.features.clip_samples, np.float32), recognizer.features)
+    warm = time.process_time() - warm
+    task = TaskConfig.from_dict(recognizer.meta["task"])
+    noise_db = tuple(sorted(float(x) for x in args.noise_db.split(",")))
+    if args.no_command_minutes:
+        report = no_command_hour(args, recognizer)
+    elif args.calibrate:
+        report = calibrate(args, recognizer, task, noise_db)
+    elif args.seeds:
+        report = pooled_seeds(args, recognizer, task, noise_db)
+    else:
+        report = single_stream(args, recognizer, task, noise_db, warm)
     print(json.dumps(report, indent=2))
 
 

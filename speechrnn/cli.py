@@ -461,6 +461,36 @@ def info(model: str | None, as_json: bool) -> None:
     click.echo(describe_model(model, as_json))
 
 
+def _stream_options(fn):
+    """listen's detector settings, shared by every verb that streams audio through it."""
+    options = [
+        click.option("--threshold", "thresholds", multiple=True, callback=_parse_thresholds, metavar="T|LABEL=T",
+                     help="Smoothed score to report [0.6]; LABEL=T sets one command's (repeatable; the model may "
+                          "carry some)."),
+        click.option("--hop-ms", type=click.FloatRange(10), default=None, help="Score the last second this often [200]."),
+        click.option("--smoothing-ms", type=click.FloatRange(0), default=None,
+                     help="Average posteriors over this span [800]."),
+        click.option("--refractory-ms", type=click.FloatRange(0), default=None,
+                     help="Quiet time after a detection [1000]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _stream_config(thresholds, hop_ms, smoothing_ms, refractory_ms):
+    """StreamConfig from the _stream_options values (unset ones keep the defaults)."""
+    import dataclasses
+
+    from speechrnn.streaming import StreamConfig
+
+    threshold, label_thresholds = thresholds
+    changes = {k: v for k, v in dict(threshold=threshold, hop_ms=hop_ms, smoothing_ms=smoothing_ms,
+                                     refractory_ms=refractory_ms, label_thresholds=label_thresholds or None).items()
+               if v is not None}
+    return dataclasses.replace(StreamConfig(), **changes)
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path())
 @click.option("--device", default=None, help="Input device: index or name as `speechrnn devices` lists them.")
@@ -468,11 +498,7 @@ def info(model: str | None, as_json: bool) -> None:
               help="Stream this audio file instead of the microphone (same code path).")
 @click.option("--realtime", is_flag=True, help="With --input: stream at real-time speed, not as fast as possible.")
 @click.option("--duration", type=click.FloatRange(0, min_open=True), default=None, help="Stop after this many seconds.")
-@click.option("--threshold", "thresholds", multiple=True, callback=_parse_thresholds, metavar="T|LABEL=T",
-              help="Smoothed score to report [0.6]; LABEL=T sets one command's (repeatable; the model may carry some).")
-@click.option("--hop-ms", type=click.FloatRange(10), default=None, help="Score the last second this often [200].")
-@click.option("--smoothing-ms", type=click.FloatRange(0), default=None, help="Average posteriors over this span [800].")
-@click.option("--refractory-ms", type=click.FloatRange(0), default=None, help="Quiet time after a detection [1000].")
+@_stream_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per detection: {time, label, score}.")
 @_report_errors
 def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, smoothing_ms, refractory_ms, as_json):
@@ -482,8 +508,6 @@ def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, sm
     ends (the file, --duration, Ctrl-C) the audio heard so far is scored to the end, so a command
     in the last second is reported too.
     """
-    import dataclasses
-
     from speechrnn.microphone import (
         ListenStats,
         check_input_device,
@@ -494,13 +518,8 @@ def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, sm
         status_line,
     )
     from speechrnn.recognizer import Recognizer, default_model_dir, read_metadata
-    from speechrnn.streaming import StreamConfig
 
-    threshold, label_thresholds = thresholds
-    changes = {k: v for k, v in dict(threshold=threshold, hop_ms=hop_ms, smoothing_ms=smoothing_ms,
-                                     refractory_ms=refractory_ms, label_thresholds=label_thresholds or None).items()
-               if v is not None}
-    config = dataclasses.replace(StreamConfig(), **changes)
+    config = _stream_config(thresholds, hop_ms, smoothing_ms, refractory_ms)
     # Cheap checks first: a wrong model, device or file should not wait for TensorFlow to load.
     read_metadata(model or default_model_dir())
     stats = ListenStats()
@@ -532,6 +551,56 @@ def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, sm
     labels = ", ".join(d.label for d in stats.detections) or "none"
     click.echo(f"listened {stats.seconds:.1f}s: {len(stats.detections)} detections ({labels})"
                + (f"; {stats.overflows} input overflows" if stats.overflows else ""), err=True)
+
+
+@main.command("score-stream")
+@click.argument("inputs", nargs=-1, required=True, metavar="[MODEL] AUDIO TRUTH.csv")
+@_stream_options
+@click.option("--match-after-ms", type=click.FloatRange(0), default=1000.0, show_default=True,
+              help="A detection counts for a word up to this long after the word's end.")
+@click.option("--json", "as_json", is_flag=True, help="The figures, every miss and false alarm, and the detections.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a timeline PNG: posteriors, threshold, truth and detections, a row per 30 s.")
+@_report_errors
+def score_stream(inputs, thresholds, hop_ms, smoothing_ms, refractory_ms, match_after_ms, as_json, plot):
+    """Score MODEL [models/default] on a long AUDIO recording against its TRUTH list.
+
+    AUDIO goes through exactly what `listen --input AUDIO` runs, with the same settings. A
+    detection is a hit if a word of its label began before it and ended at most --match-after-ms
+    before it; every other detection is a false alarm, counted per hour and split into those on a
+    real command (the wrong label) and those with no command spoken. Also: the median latency
+    after the word's end and the recall of each command.
+
+    \b
+    TRUTH is a CSV with the header label,start,end and one row per event (seconds):
+      label  a command (yes, no, ...), or anything else: another word, a
+             sentence (_speech_), a sound; such events only explain false alarms
+      start  when the event begins, end  when its sound ends (> start)
+    Blank lines and # comments are ignored.
+    """
+    from pathlib import Path
+
+    from speechrnn.stream_eval import format_score, score_recording
+
+    if len(inputs) not in (2, 3):
+        raise click.UsageError(f"give [MODEL] AUDIO TRUTH.csv, not {len(inputs)} argument(s)")
+    model, (audio, truth) = (inputs[0] if len(inputs) == 3 else None), inputs[-2:]
+    config = _stream_config(thresholds, hop_ms, smoothing_ms, refractory_ms)
+    if plot and not Path(plot).resolve().parent.is_dir():
+        raise SpeechRNNError("cannot write the timeline there: no such folder", plot)
+    score, run = score_recording(model, audio, truth, config, plot, match_after_ms / 1000)
+    if as_json:
+        from speechrnn.recognizer import default_model_dir
+
+        report = {"model": str(model or default_model_dir()), "audio": audio, "truth": truth,
+                  "config": run.config.to_dict(), "seconds": round(run.seconds, 3), **score.to_dict(details=True),
+                  "detections": [d.to_json() for d in run.detections], "timing": run.timing()}
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_score(score))
+        if plot:
+            click.echo(f"timeline: {plot}")
+    _fast_exit(0)
 
 
 @main.command()

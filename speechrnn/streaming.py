@@ -15,13 +15,17 @@ When the input ends (a file's end, --duration, Ctrl-C), finish() scores what is 
 second is followed by quiet until the window has moved past it, so a command said just before the
 end is not lost.
 The microphone (speechrnn.microphone) and files (`listen --input`) are only sources of chunks.
+
+For scoring and plotting a stream, a detector can keep every hop's posteriors
+(`record_posteriors`), and `replay_posteriors` runs steps 3-4 again on recorded ones, e.g. with
+other thresholds, giving exactly the detections a detector with those settings would have made.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -73,6 +77,33 @@ class Detection:
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # MFCC [1, frames, coeffs] -> probabilities [1, labels]
 
 
+@dataclass
+class PosteriorTrace:
+    """Every hop's posteriors, as a detector saw them (see StreamingDetector.record_posteriors).
+
+    ``times[k]`` is the stream time (seconds) of hop k, the end of the audio it scored; ``raw[k]``
+    the model's probabilities for that window and ``smoothed[k]`` their average over the smoothing
+    span, the score compared with ``thresholds`` (one per label: the threshold each command must
+    reach; _silence_ and _unknown_ are never reported). Each array has one entry per label, in
+    ``labels`` order. An hour at the default 200 ms hop is 18,000 hops, a few MB.
+    """
+
+    labels: list[str]
+    thresholds: dict[str, float]
+    times: list[float] = field(default_factory=list)
+    raw: list[np.ndarray] = field(default_factory=list)
+    smoothed: list[np.ndarray] = field(default_factory=list)
+    # Where the input ended (s), once finish() ran: the hops after it score the input followed by
+    # silence, their times run past it, and their detections are stamped at it (see finish()).
+    end_time: float | None = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """times [hops] (s), raw [hops, labels] (the model's dtype), smoothed [hops, labels] (float32)."""
+        n = len(self.labels)
+        return (np.array(self.times, np.float64), np.array(self.raw).reshape(-1, n),
+                np.array(self.smoothed, np.float32).reshape(-1, n))
+
+
 class StreamingDetector:
     def __init__(self, score_fn: ScoreFn, labels: list[str], features: FeatureConfig = FeatureConfig(),
                  config: StreamConfig = StreamConfig()):
@@ -102,6 +133,18 @@ class StreamingDetector:
         self.hops_scored = 0
         self.detections: list[Detection] = []
         self._end_time: float | None = None  # set by finish(): the end of the input, in seconds
+        self.trace: PosteriorTrace | None = None  # set by record_posteriors
+
+    def record_posteriors(self) -> PosteriorTrace:
+        """Keep every hop's raw and smoothed posteriors from now on, in the returned trace.
+
+        Recording only appends to the trace: the detections are the same with or without it. Memory
+        grows with the stream (a few hundred bytes a hop), so a live listener does not record.
+        """
+        thresholds = {label: float(t) for label, t, ok in zip(self.labels, self._thresholds, self._reportable,
+                                                               strict=True) if ok}
+        self.trace = PosteriorTrace(list(self.labels), thresholds)
+        return self.trace
 
     @property
     def stream_time(self) -> float:
@@ -131,6 +174,8 @@ class StreamingDetector:
         if self._end_time is not None:
             return []
         self._end_time = self.samples_seen / self.features.sample_rate
+        if self.trace is not None:
+            self.trace.end_time = self._end_time
         f = self.features
         quiet = f.clip_samples - self._frames_per_hop * f.hop_samples
         return self._feed(np.zeros(max(0, quiet), np.float32))
@@ -158,16 +203,24 @@ class StreamingDetector:
         return out
 
     def _score(self) -> Detection | None:
-        probs = np.asarray(self.score_fn(self._window[None]))[0]
+        return self._decide(np.asarray(self.score_fn(self._window[None]))[0], self.stream_time)
+
+    def _decide(self, probs: np.ndarray, now: float) -> Detection | None:
+        """Steps 3-4 for one hop: the model's ``probs`` [labels] for the window ending at ``now`` (s)."""
         self.hops_scored += 1
         self._history.append(probs)
         smoothed = np.mean(self._history, axis=0)
+        if self.trace is not None:
+            self.trace.times.append(now)
+            self.trace.raw.append(np.array(probs))  # as the model gave them: a replay is exact
+            self.trace.smoothed.append(smoothed.astype(np.float32))
         self._disarmed = {i for i in self._disarmed if smoothed[i] >= self._release[i]}
         armed = self._reportable.copy()
         armed[list(self._disarmed)] = False
         candidates = np.where(armed & (smoothed >= self._thresholds), smoothed, -1.0)
         best = int(np.argmax(candidates))
-        now = self.stream_time if self._end_time is None else min(self.stream_time, self._end_time)
+        # after finish(), the window reaches past the input: a detection is stamped at its end at most
+        now = now if self._end_time is None else min(now, self._end_time)
         if candidates[best] < 0:
             return None
         if (now - self._last_detection) * 1000 < self.config.refractory_ms:
@@ -183,3 +236,28 @@ class StreamingDetector:
         """RMS level (dBFS) of the newest 100 ms seen, for a meter."""
         recent = self._recent.astype(np.float64) if len(self._recent) else np.zeros(1)
         return float(20 * np.log10(max(1e-6, float(np.sqrt(np.mean(recent**2))))))
+
+
+def replay_posteriors(times: np.ndarray, probabilities: np.ndarray, labels: list[str], config: StreamConfig,
+                      features: FeatureConfig = FeatureConfig(), end_time: float | None = None) -> list[Detection]:
+    """The detections a StreamingDetector with ``config`` makes from recorded model posteriors.
+
+    ``times`` [hops] (s) and ``probabilities`` [hops, labels] are a PosteriorTrace's times and raw
+    posteriors (not the smoothed ones); smoothing, thresholds, the refractory period and re-arming
+    run exactly as live, so other thresholds can be tried without scoring the audio again.
+    ``config.label_thresholds`` is taken as given (detector_for lays an export's own thresholds
+    under the configured ones; a trace's ``thresholds`` are the ones that applied). ``end_time``:
+    the trace's, where the input ended (detections after it are stamped at it, as live). Raises
+    ValueError if the hops are not ``config.hop_ms`` apart (smoothing counts hops), or if a
+    threshold names a label the model does not report.
+    """
+    times = np.asarray(times, np.float64).reshape(-1)
+    probabilities = np.asarray(probabilities).reshape(len(times), len(labels))
+    detector = StreamingDetector(lambda window: None, labels, features, config)
+    detector._end_time = end_time
+    hop = detector._frames_per_hop * features.hop_ms / 1000
+    if len(times) > 1 and not np.allclose(np.diff(times), hop, atol=1e-6):
+        raise ValueError(f"the posteriors were not recorded every {hop * 1000:g} ms (hop_ms {config.hop_ms:g})")
+    for now, probs in zip(times, probabilities, strict=True):
+        detector._decide(probs, float(now))
+    return detector.detections
