@@ -286,10 +286,13 @@ def sentence_material(minutes: float, speakers: int) -> list[Path]:
     count = max(2, math.ceil(minutes * 60 / SECONDS_PER_SENTENCE / 2 * 1.1))
     folders = []
     for engine, seed in SENTENCE_SEEDS.items():
-        out = CACHE / f"{engine}-seed{seed}-{count}x{speakers}"
+        out = CACHE / f"{engine}-heldout-seed{seed}-{count}x{speakers}"
         if not (out / "synth.json").is_file():
+            # the grammar's held-out half, and for Kokoro blends of two or three voicepacks: sentences
+            # and voices that no training set uses
             cmd = [*speechrnn_command(), "data", "sentences", "--out", str(out), "--count", str(count),
-                   "--engine", engine, "--seed", str(seed), "--speakers", str(speakers)]
+                   "--engine", engine, "--seed", str(seed), "--speakers", str(speakers), "--part", "heldout",
+                   *(["--min-voices", "2"] if engine == "kokoro" else [])]
             info(f"making the sentences: {' '.join(cmd)}")
             if subprocess.run(cmd, cwd=REPO).returncode:
                 raise SystemExit(f"`{' '.join(cmd)}` failed")

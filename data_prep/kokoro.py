@@ -326,8 +326,9 @@ def blend_voice(blend: str, packs: dict[str, np.ndarray]) -> np.ndarray:
     return sum(weight * packs[name] for name, weight in parse_blend(blend)).astype(np.float32)
 
 
-def random_blends(count: int, seed: int) -> list[str]:
-    """``count`` distinct speakers, each a random convex blend of 1-3 English voicepacks.
+def random_blends(count: int, seed: int, min_voices: int = 1) -> list[str]:
+    """``count`` distinct speakers, each a random convex blend of 1-3 English voicepacks
+    (``min_voices``-3: 2 leaves out the plain voicepacks, e.g. for voices a model has not heard).
 
     Seeded: the same (count, seed) gives the same list, and a longer list starts with the shorter.
     Weights are drawn from a flat Dirichlet and written with two decimals (they sum to 1).
@@ -337,8 +338,10 @@ def random_blends(count: int, seed: int) -> list[str]:
     blends: list[str] = []
     while len(blends) < count:
         k = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
+        if k < min_voices:
+            continue
         chosen = sorted(rng.choice(len(names), size=k, replace=False))
-        cents = np.maximum(1, np.round(rng.dirichlet(np.ones(k)) * 100)).astype(int)
+        cents = np.maximum(1 if min_voices == 1 else 15, np.round(rng.dirichlet(np.ones(k)) * 100)).astype(int)
         cents[np.argmax(cents)] += 100 - cents.sum()
         blend = "+".join(f"{names[i]}:{c / 100:.2f}" for i, c in zip(chosen, cents, strict=True))
         if blend not in blends:

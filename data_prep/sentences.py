@@ -6,6 +6,10 @@ engines train on hours of such speech as negatives and publish false alarms per 
 sentences here are drawn from a small grammar of statements and questions (five to twelve words)
 whose word banks hold none of the ten commands, none of their inflections (goes, stopped, ...),
 and none of their homophones (know, write, ...): no model could be blamed for firing on those.
+
+The grammar has two disjoint parts: ``train`` (10 templates, every other word of each bank) for
+training negatives, and ``heldout`` (5 other templates, the other words) for measuring, so a false
+alarm figure is not flattered by sentences the model learnt to ignore.
 """
 
 from __future__ import annotations
@@ -68,29 +72,41 @@ TEMPLATES = [
 ]
 
 
-def _fill(template: str, rng: np.random.Generator) -> str:
-    pick = lambda bank: bank[int(rng.integers(len(bank)))]  # noqa: E731
-    verb = int(rng.integers(len(BASE_VERBS)))
+PARTS = ("train", "heldout")
+
+
+def _half(bank: list[str], part: str) -> list[str]:
+    return bank[PARTS.index(part) :: 2]
+
+
+def _fill(template: str, rng: np.random.Generator, part: str) -> str:
+    pick = lambda bank: (half := _half(bank, part))[int(rng.integers(len(half)))]  # noqa: E731
+    verb = int(rng.integers(len(BASE_VERBS) // 2)) * 2 + PARTS.index(part)
     base = BASE_VERBS[verb]
     verb_s = base + ("es" if base.endswith(("sh", "ch", "x")) else "s")
     text = template.format(
-        subject=pick(SUBJECTS), person=pick(PEOPLE), past=pick(PAST_VERBS), verb=base, verb_s=verb_s,
+        subject=pick(SUBJECTS), person=pick(PEOPLE), past=PAST_VERBS[verb], verb=base, verb_s=verb_s,
         adj=pick(ADJECTIVES), noun=pick(NOUNS), plural=pick(PLURALS), place=pick(PLACES), time=pick(TIMES),
         event=pick(EVENTS), degree=pick(DEGREES), qstart=pick(QUESTION_STARTS))
     return text[0].upper() + text[1:]
 
 
-def no_command_sentences(count: int, seed: int, min_words: int = 5, max_words: int = 12) -> list[str]:
-    """``count`` distinct sentences of min_words..max_words words with no command word in them.
+def no_command_sentences(count: int, seed: int, part: str = "train", min_words: int = 5,
+                         max_words: int = 12) -> list[str]:
+    """``count`` distinct sentences of min_words..max_words words with no command word in them,
+    from one part of the grammar ("train" or "heldout").
 
     Deterministic for a seed. Raises SpeechRNNError if the grammar cannot give that many.
     """
+    if part not in PARTS:
+        raise SpeechRNNError(f"part must be one of {', '.join(PARTS)}, not {part!r}")
+    templates = TEMPLATES[:10] if part == "train" else TEMPLATES[10:]
     rng = np.random.default_rng([seed, 0x73656E74])
     out: dict[str, None] = {}
     for _ in range(count * 50):
         if len(out) >= count:
             break
-        text = _fill(TEMPLATES[int(rng.integers(len(TEMPLATES)))], rng)
+        text = _fill(templates[int(rng.integers(len(templates)))], rng, part)
         n = len(text.split())
         if min_words <= n <= max_words and not FORBIDDEN.search(text):
             out[text] = None

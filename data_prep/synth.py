@@ -398,7 +398,7 @@ def plan_sentences(texts: list[str], engine: str, voices: list[str], seed: int) 
 def synthesize_sentences(
     out: str | os.PathLike, texts: list[str], engine: str = "kokoro", seed: int = 0, speakers: int = 200,
     workers: int = 2, show_progress: bool = True, sample_rate: int = 16000,
-    kokoro_folder: str | os.PathLike | None = None,
+    kokoro_folder: str | os.PathLike | None = None, min_voices: int = 1,
 ) -> dict:
     """Speak each of TEXTS once, at its natural length, into OUT/sentences/<speaker>_nohash_<n>.wav.
 
@@ -420,10 +420,11 @@ def synthesize_sentences(
         from data_prep.kokoro import check_installed, random_blends
 
         check_installed(kokoro_folder)
-        voices, engine_arg = random_blends(speakers, seed), None if kokoro_folder is None else str(kokoro_folder)
+        voices = random_blends(speakers, seed, min_voices)
+        engine_arg = None if kokoro_folder is None else str(kokoro_folder)
     specs = plan_sentences(list(texts), engine, voices, seed)
     record = {"engine": engine, "seed": seed, "sentences": len(specs), "speakers": speakers,
-              "sample_rate": sample_rate, "words": [SENTENCES]}
+              "sample_rate": sample_rate, "words": [SENTENCES], **({"min_voices": min_voices} if min_voices > 1 else {})}
     partial = _open_partial(out, {**record, "clips": [asdict(s) for s in specs]})
     todo = [s for s in specs if not (partial / s.word / s.name).is_file()]
     if len(todo) < len(specs):

@@ -201,8 +201,13 @@ def data_synth(out: str, recipe: str | None, engine: str, words: str | None, voc
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Draws the sentences, voices and speeds; another seed gives other sentences and voices.")
+@click.option("--part", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
+              help="Half of the sentence grammar: train (negatives) or heldout (measuring false alarms).")
+@click.option("--min-voices", type=click.IntRange(1, 3), default=1, show_default=True,
+              help="Kokoro: voicepacks per blend at least (2: no plain voicepack, voices a model has not heard).")
 @_report_errors
-def data_sentences(out: str, count: int, engine: str, speakers: int, workers: int, seed: int) -> None:
+def data_sentences(out: str, count: int, engine: str, speakers: int, workers: int, seed: int, part: str,
+                   min_voices: int) -> None:
     """Speak everyday sentences that hold no command into OUT/sentences/ (running speech).
 
     For training negatives (`train --negatives OUT`) and for false alarms per hour of talk.
@@ -211,7 +216,8 @@ def data_sentences(out: str, count: int, engine: str, speakers: int, workers: in
     from data_prep.sentences import no_command_sentences
     from data_prep.synth import synthesize_sentences
 
-    summary = synthesize_sentences(out, no_command_sentences(count, seed), engine, seed, speakers, workers)
+    summary = synthesize_sentences(out, no_command_sentences(count, seed, part), engine, seed, speakers, workers,
+                                   min_voices=min_voices)
     click.echo(f"wrote {summary['clips']} sentences ({summary['audio_seconds'] / 60:.1f} min of speech, "
                f"{summary['speakers']} speakers, {engine}) to {out} in {summary['seconds']:.0f} s")
 

@@ -85,6 +85,8 @@ def test_voice_blends_are_seeded_convex_mixtures(kokoro_folder):
         parts = parse_blend(blend)
         assert abs(sum(w for _, w in parts) - 1.0) < 1e-9 and all(w > 0 for _, w in parts)
         assert len({n for n, _ in parts}) == len(parts)
+    # voices no plain voicepack: for measuring on voices a model has not heard
+    assert all(len(parse_blend(b)) >= 2 and min(w for _, w in parse_blend(b)) >= 0.15 for b in random_blends(40, 3, 2))
     packs = load_voicepacks(kokoro_folder)
     assert sorted(packs) == sorted(VOICEPACKS) and packs["af_heart"].shape == (510, 1, 256)
     mixed = blend_voice("af_heart:0.25+bm_george:0.75", packs)

@@ -163,6 +163,8 @@ def test_no_command_sentences_and_their_synthesis(tmp_path):
     assert len(set(texts)) == 400 and texts == no_command_sentences(400, seed=2)
     assert all(5 <= len(t.split()) <= 12 and not contains_command(t) for t in texts)
     assert any(t.endswith("?") for t in texts) and any(t.endswith(".") for t in texts)
+    heldout = no_command_sentences(400, seed=2, part="heldout")
+    assert not set(heldout) & set(texts) and all(not contains_command(t) for t in heldout)
     for bad in ("Turn it on now.", "She left early.", "I know that song.", "Going home?", "Stopped the car."):
         assert contains_command(bad), bad
     out = tmp_path / "talk"
