@@ -8,7 +8,7 @@ APT_PACKAGES := espeak-ng libportaudio2 pulseaudio pulseaudio-utils libasound2-p
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export SPEECHRNN_CACHE ?= $(CURDIR)/.cache/speechrnn
 
-.PHONY: setup system-packages kokoro demo test lint bench default-model clean
+.PHONY: setup system-packages kokoro synth demo test lint bench default-model clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -55,7 +55,18 @@ bench: setup
 # models/default from scratch: synthetic speech (espeak-ng), then the recipe on the shared real
 # recordings plus that speech. SHARED points at the real Speech Commands folder.
 SHARED ?= ../shared/data/speech_commands
+EXTRA ?= ../shared/data/speech_commands_extra
 SYNTH_DIR ?= $(SPEECHRNN_CACHE)/synth
+TALK_DIR ?= $(SPEECHRNN_CACHE)/talk
+
+# Every synthetic set the default model trains on (recipes/synth.json: both engines, the ten
+# commands and the unknown vocabulary; ~18,000 clips, Kokoro's ~9,000 take most of an hour here),
+# and running speech for negatives. Sets already complete are kept; a killed run resumes.
+synth: kokoro
+	@test -d $(SHARED) || { echo "no dataset at $(SHARED): set SHARED=/path/to/speech_commands"; exit 1; }
+	$(VENV)/bin/speechrnn data synth --recipe recipes/synth.json --out $(SYNTH_DIR) --noise-from $(SHARED)
+	test -f $(TALK_DIR)/espeak-train/synth.json || $(VENV)/bin/speechrnn data sentences --out $(TALK_DIR)/espeak-train --count 800 --engine espeak --seed 32
+	test -f $(TALK_DIR)/kokoro-train/synth.json || $(VENV)/bin/speechrnn data sentences --out $(TALK_DIR)/kokoro-train --count 700 --engine kokoro --speakers 300 --seed 31
 default-model: setup
 	@test -d $(SHARED) || { echo "no dataset at $(SHARED): set SHARED=/path/to/speech_commands"; exit 1; }
 	test -f $(SYNTH_DIR)/all/synth.json || $(VENV)/bin/speechrnn data synth --out $(SYNTH_DIR)/all --per-word 250 --noise-from $(SHARED) --seed 1
