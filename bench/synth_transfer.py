@@ -40,16 +40,16 @@ EXTRA = SHARED.parent / "speech_commands_extra"
 ESPEAK, KOKORO = ["espeak-commands", "espeak-unknown"], ["kokoro-commands", "kokoro-unknown"]
 BOTH = ESPEAK + KOKORO
 ROWS = {
-    "espeak-ng": {"sets": ESPEAK, "cross": "kokoro-commands"},
-    "Kokoro": {"sets": KOKORO, "cross": "espeak-commands"},
     "both engines": {"sets": BOTH},
     "both engines + domain-adversarial 1.0": {"sets": BOTH, "recipe": {"domain_adversarial": 1.0}},
     "both engines + domain-adversarial 0.3": {"sets": BOTH, "recipe": {"domain_adversarial": 0.3}},
-    "both engines + utterance mean norm": {"sets": BOTH, "recipe": {"model": {"utterance_norm": True}}},
+    "espeak-ng": {"sets": ESPEAK, "cross": "kokoro-commands"},
+    "Kokoro": {"sets": KOKORO, "cross": "espeak-commands"},
     "cross-engine: on/off from espeak-ng only": {"sets": BOTH, "drop_onoff": "kokoro-commands",
                                                  "cross": "kokoro-commands"},
     "cross-engine: on/off from Kokoro only": {"sets": BOTH, "drop_onoff": "espeak-commands",
                                               "cross": "espeak-commands"},
+    "both engines + utterance mean norm": {"sets": BOTH, "recipe": {"model": {"utterance_norm": True}}},
 }
 
 
