@@ -2,12 +2,15 @@
 time shift, gain, background noise.
 
 Deterministic for a seed: ``augment(waves, noise, config, rng)`` with the same generator state
-gives the same output. Never used for validation or testing (the trainer only calls it on
+gives the same output. Given one generator per clip instead, each clip's augmentation depends on
+its own generator alone, so any subset of an epoch can be made on its own (one worker's shard)
+and comes out exactly as it would within the whole epoch. Never used for validation or testing (the trainer only calls it on
 training batches).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -134,19 +137,24 @@ def augment(
     waves: np.ndarray,
     noise: list[np.ndarray],
     config: AugmentConfig,
-    rng: np.random.Generator,
+    rng: np.random.Generator | Sequence[np.random.Generator],
     sample_rate: int = 16000,
 ) -> np.ndarray:
-    """Augmented copies of a batch of waveforms [n, samples] (the input is not changed)."""
+    """Augmented copies of a batch of waveforms [n, samples] (the input is not changed).
+
+    ``rng``: one generator for the whole batch, or a sequence of n generators, one per clip."""
     out = np.array(waves, dtype=np.float32, copy=True)
     n, length = out.shape
+    rngs = [rng] * n if isinstance(rng, np.random.Generator) else list(rng)
+    if len(rngs) != n:
+        raise ValueError(f"{len(rngs)} generators for {n} clips")
     max_shift = int(sample_rate * config.time_shift_ms / 1000)
     by_snr = config.background_snr_db is not None
     mixing = bool(noise) and (by_snr or config.background_dbfs is not None or config.background_volume > 0)
     noise_rms = [max(1e-9, float(np.sqrt(np.mean(np.square(s, dtype=np.float64))))) for s in noise] \
         if mixing and (by_snr or config.background_dbfs is not None) else []
     for i in range(n):
-        wave = out[i]
+        wave, rng = out[i], rngs[i]
         if config.speed_range > 0:
             wave = change_speed(wave, float(rng.uniform(1 - config.speed_range, 1 + config.speed_range)), sample_rate)
         if config.reverb_probability > 0 and rng.random() < config.reverb_probability:
