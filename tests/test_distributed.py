@@ -151,6 +151,22 @@ def test_the_chiefs_checkpoint_loads_and_exports(pair, tmp_path, shared_data):
     assert float(check.stdout.strip().splitlines()[-1]) < 1e-5
 
 
+def test_a_chief_that_cannot_start_stops_every_worker_with_its_reason(pair, setup):
+    """The run folder already holds a run and --resume is missing: the chief refuses, and the
+    other worker, instead of waiting for it forever, reports the chief's reason."""
+    _, args = setup
+    results = finish(start_workers([pair["run"], pair["run"]], [*args, "--max-per-label", "60", "--epochs", "2"],
+                                   {"SPEECHRNN_CACHE": str(pair["base"] / "cache-w")}))
+    (chief_code, chief), (worker_code, worker) = results
+    assert chief_code == worker_code == 1
+    assert [line for line in chief.splitlines() if line.startswith("error:")] == [
+        f"error: {pair['run']}: already holds a run: pass --resume to continue it, or choose another --out"]
+    assert [line for line in worker.splitlines() if line.startswith("error:")] == [
+        f"error: the chief stopped: {pair['run']}: already holds a run: pass --resume to continue it, "
+        "or choose another --out"]
+    assert "Traceback" not in chief + worker
+
+
 @pytest.fixture(scope="module")
 def single_three_epochs(setup):
     base, args = setup
