@@ -3,8 +3,8 @@ time shift, gain, background noise.
 
 Deterministic for a seed: ``augment(waves, noise, config, rng)`` with the same generator state
 gives the same output. Given one generator per clip instead, each clip's augmentation depends on
-its own generator alone, so any subset of an epoch can be made on its own (one worker's shard)
-and comes out exactly as it would within the whole epoch. Never used for validation or testing (the trainer only calls it on
+its own generator alone, so any subset of an epoch (one worker's shard) comes out exactly as it
+would within the whole epoch. Never used for validation or testing (the trainer only calls it on
 training batches).
 """
 
