@@ -626,25 +626,26 @@ class Trainer:
             if dist.is_chief:
                 write_json_atomic(self.run_dir / "normalization.json", norm)
         first_epoch = state["epoch"] + 1
-        with dist.strategy.scope():
-            model, trained, optimizer, schedule = build_training(cfg, len(labels), norm, data.epoch_size)
-        if checkpoint:
-            model.set_weights(load_weights_npz(io.BytesIO(checkpoint), "model"))
-            if trained is not model:
-                trained.set_weights(load_weights_npz(io.BytesIO(checkpoint), "trained"))
-            for var, value in zip(optimizer.variables, load_weights_npz(io.BytesIO(checkpoint), "opt"), strict=True):
-                var.assign(value)
-        train_step, predict = make_steps(model, trained, optimizer, cfg, dist)
-        reversal = trained.get_layer("gradient_reversal") if trained is not model else None
+        # The first epoch's batches are made while the model is built and its step traced.
         stream = BatchStream(data, dist, cfg.batch_size, first_epoch, cfg.epochs) if first_epoch <= cfg.epochs else None
-        val_rows = np.array_split(np.arange(len(data.val_x)), dist.num_workers)[dist.worker_index]
-
-        n_params = int(model.count_params())
-        self.report(f"{cfg.model.name}: {n_params:,} parameters; {len(data.train_examples)} training clips "
-                    f"({data.epoch_size} per epoch with oversampling), {len(data.val_examples)} validation; "
-                    f"labels: {' '.join(labels)}")
         stopped_early = False
         try:
+            with dist.strategy.scope():
+                model, trained, optimizer, schedule = build_training(cfg, len(labels), norm, data.epoch_size)
+            if checkpoint:
+                model.set_weights(load_weights_npz(io.BytesIO(checkpoint), "model"))
+                if trained is not model:
+                    trained.set_weights(load_weights_npz(io.BytesIO(checkpoint), "trained"))
+                opt_values = load_weights_npz(io.BytesIO(checkpoint), "opt")
+                for var, value in zip(optimizer.variables, opt_values, strict=True):
+                    var.assign(value)
+            train_step, predict = make_steps(model, trained, optimizer, cfg, dist)
+            reversal = trained.get_layer("gradient_reversal") if trained is not model else None
+            val_rows = np.array_split(np.arange(len(data.val_x)), dist.num_workers)[dist.worker_index]
+            n_params = int(model.count_params())
+            self.report(f"{cfg.model.name}: {n_params:,} parameters; {len(data.train_examples)} training clips "
+                        f"({data.epoch_size} per epoch with oversampling), {len(data.val_examples)} validation; "
+                        f"labels: {' '.join(labels)}")
             for epoch in range(first_epoch, cfg.epochs + 1):
                 if state["wait"] >= cfg.patience:
                     stopped_early = True
