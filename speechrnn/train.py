@@ -1,53 +1,81 @@
 """Training: Adam with gradient clipping, warm-up + cosine schedule, early stopping, atomic
-checkpoints and exact resume.
+checkpoints and exact resume, on one device, several local devices or several workers.
 
 A run folder holds: config.json, labels.txt, normalization.json, checkpoints/{last,best}.npz,
 history.csv (with the largest and median global gradient norm before clipping, per epoch),
-curves.png, train.log and summary.json.
+curves.png, train.log and summary.json. With several workers, only the chief writes it.
 
 Each epoch's data (order, oversampling, augmentation) and Keras' seeds are derived from
-(seed, epoch), so a run resumed after a kill sees exactly the data an unbroken run would.
+(seed, epoch), and each clip's augmentation from (seed, epoch, its position in the epoch), so a
+run resumed after a kill sees exactly the data an unbroken run would, and N workers together
+train on exactly the batches one worker would.
+
+Distributed training (``strategy``, see speechrnn.distribute): ``batch_size`` is the global batch.
+Each step's global batch (positions [step*B, (step+1)*B) of the epoch's order) is cut into one
+contiguous slice per replica; a worker reads, augments and featurises only its replicas' slices.
+Each replica's loss is its share of the global batch's mean (sum over its slice / global batch
+size), so the gradients summed over replicas (one all-reduce) are the global batch's gradient; its
+global norm is clipped and applied on every replica alike. Learning rate, schedule and step count
+are the single-worker recipe's: N workers reproduce one worker's run, up to the order of floating-
+point additions and the dropout and SpecAugment draws inside the model.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import math
 import os
+import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.audio import load_audio
-from data_prep.augment import augment, in_stream_context
+from data_prep.augment import augment, stream_context
 from data_prep.dataset import HOLDOUT, NOISE_REGIONS, SILENCE, SPLITS, UNKNOWN, SpeechCommands, words_without_clips
 from data_prep.errors import SpeechRNNError
-from data_prep.extract import WaveformLoader, featurize, progress
+from data_prep.extract import featurize, progress
 from data_prep.features import mfcc_batched
+from data_prep.waveforms import open_store
+from speechrnn.distribute import Distribution, cluster_from_env, make_distribution, pack, unpack
 from speechrnn.models import build_model, with_domain_head
 from speechrnn.runconfig import TrainConfig, write_json_atomic, write_text_atomic
 from speechrnn.tfutil import import_tf
+
+import_tf()
+import keras  # noqa: E402
 
 log = logging.getLogger(__name__)
 HISTORY_FIELDS = [
     "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate",
     "grad_norm_max", "grad_norm_median", "clipped_fraction", "seconds",
-    "domain_loss", "domain_accuracy", "reversal_strength",
+    "domain_loss", "domain_accuracy", "reversal_strength", "input_wait_seconds",
 ]
 REAL, SYNTHETIC, NO_DOMAIN = 0, 1, -1  # domain labels for domain-adversarial training
+NORM_CLIPS = 20_000  # the normalisation statistics come from (up to) this many clips of epoch 0
+CHUNK_CLIPS = 512  # clips a worker reads, augments and featurises at a time
+QUEUE_CHUNKS = 3  # chunks made ahead of the training loop (memory: ~CHUNK_CLIPS x 16 kB each)
 
 
 class TrainingData:
-    """Training waveforms in memory (augmented afresh each epoch) and cached validation features."""
+    """Training examples and cached validation features.
 
-    def __init__(self, config: TrainConfig, show_progress: bool = True):
+    The training waveforms live in an int16 cache file (data_prep.waveforms), read a chunk at a
+    time and augmented afresh each epoch, so memory does not grow with the corpus; validation
+    features are computed once and cached on disk by content (data_prep.extract).
+    """
+
+    def __init__(self, config: TrainConfig, show_progress: bool = True, cache_dir: str | os.PathLike | None = None):
         self.config = config
         task, fc = config.task, config.features
         noise_files, extra = [], []
@@ -74,11 +102,13 @@ class TrainingData:
         self.labels = task.labels
         index = {label: i for i, label in enumerate(self.labels)}
         # Unreadable clips are left out, each logged as an error; the run goes on (and the CLI exits 1).
-        waves, kept, errors = WaveformLoader(fc).load_many(train, "loading training audio" if show_progress else None)
+        self.store, errors = open_store(train, fc, cache_dir, show_progress)
+        for err in errors:
+            log.error("%s", err)
+        kept = self.store.kept
         self.train_examples = [train[i] for i in kept]
-        self.train_waves = waves
         self.train_labels = np.array([index[ex.label] for ex in self.train_examples], np.int32)
-        self.train_is_real = np.array([i < n_real for i in kept])  # from --data, not --train-only
+        self.train_is_real = kept < n_real  # from --data, not --train-only
         # Domain of each example for domain-adversarial training; silence (noise cuts, real in
         # either kind of folder) has none.
         self.train_domain = np.where(self.train_is_real, REAL, SYNTHETIC).astype(np.int32)
@@ -96,7 +126,7 @@ class TrainingData:
         self.is_command = np.array([label in task.words for label in self.labels])
         self.word_rows = np.flatnonzero(self.train_labels != index[SILENCE]) if SILENCE in index else \
             np.arange(len(self.train_labels))
-        valf = featurize(val, fc, show_progress=show_progress)
+        valf = featurize(val, fc, cache_dir=cache_dir, show_progress=show_progress)
         self.skipped = [str(err) for err in [*errors, *valf.errors]]
         self.val_examples = valf.examples
         self.val_x = valf.features
@@ -104,6 +134,9 @@ class TrainingData:
         examples_per_epoch = len(self._epoch_indices(np.random.default_rng(0)))
         self.negatives_count = round(config.negatives_fraction * examples_per_epoch) if self.negatives else 0
         self.epoch_size = examples_per_epoch + self.negatives_count
+        # What every worker must agree on: the same clips, by content, in the same order.
+        negatives = f"negatives:{[len(n) for n in self.negatives]}:{self.negatives_real}"
+        self.digest = hashlib.sha1("\n".join([self.store.digest, *valf.keys, negatives]).encode()).hexdigest()[:20]
 
     def _epoch_indices(self, rng: np.random.Generator) -> np.ndarray:
         """All training examples, plus oversampled copies of scarce labels' real clips, shuffled.
@@ -123,31 +156,63 @@ class TrainingData:
         idx = np.concatenate([np.arange(len(self.train_labels)), *extra]) if extra else np.arange(len(self.train_labels))
         return rng.permutation(idx)
 
-    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Features, labels and domains (REAL, SYNTHETIC, NO_DOMAIN) of one epoch, deterministic in (seed, epoch)."""
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The examples (row numbers) of one epoch in training order [epoch_size], deterministic in
+        (seed, epoch). Rows from len(train_labels) on stand for windows of the negatives."""
+        rng = np.random.default_rng([self.config.seed, epoch])
+        order = self._epoch_indices(rng)
+        if self.negatives_count:
+            n = len(self.train_labels)
+            order = rng.permutation(np.concatenate([order, np.arange(n, n + self.negatives_count)]))
+        return order
+
+    def domains(self, order: np.ndarray) -> np.ndarray:
+        """The domain of each row of an epoch order [n]; windows of the negatives have none (they
+        train the classifier, not the real-versus-synthetic head)."""
+        out = np.full(len(order), NO_DOMAIN, np.int32)
+        clips = order < len(self.train_labels)
+        out[clips] = self.train_domain[order[clips]]
+        return out
+
+    def features(self, epoch: int, order: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Augmented MFCC features [n, frames, n_mfcc], labels [n] and domains [n] (REAL, SYNTHETIC,
+        NO_DOMAIN) of the examples at ``positions`` of ``order`` (= epoch_order(epoch)).
+
+        Each clip's augmentation is drawn from its own generator, seeded by (seed, epoch, position):
+        the same clip at the same position comes out the same whichever worker makes it, alone or
+        with its neighbours."""
         cfg, rate = self.config, self.config.features.sample_rate
-        rng = np.random.default_rng([cfg.seed, epoch])
-        idx = self._epoch_indices(rng)
-        waves, labels, domains = self.train_waves[idx], self.train_labels[idx], self.train_domain[idx]
-        if cfg.augment.context_probability > 0:
-            rows = np.flatnonzero(np.isin(idx, self.word_rows))
-            waves, labels = in_stream_context(waves, labels, rows, rng, cfg.augment.context_probability,
-                                              self.is_command, self.labels.index(UNKNOWN), rate)
-        count = self.negatives_count
-        if count:
-            windows, real = cut_windows(self.negatives, self.negatives_real, count, cfg.features.clip_samples, rng)
-            order = rng.permutation(len(idx) + count)
-            waves = np.concatenate([waves, windows])[order]
-            labels = np.concatenate([labels, np.full(count, self.labels.index(UNKNOWN), np.int32)])[order]
-            domains = np.concatenate([domains, np.where(real, REAL, SYNTHETIC).astype(np.int32)])[order]
-        waves = augment(waves, self.noise, cfg.augment, rng, rate)
+        positions = np.asarray(positions, np.int64)
+        rows = order[positions]
+        rngs = [np.random.default_rng([cfg.seed, epoch, int(p)]) for p in positions]
+        negative = rows >= len(self.train_labels)
+        clips = rows[~negative]
+        waves = np.zeros((len(rows), cfg.features.clip_samples), np.float32)
+        labels = np.full(len(rows), self.labels.index(UNKNOWN) if UNKNOWN in self.labels else 0, np.int32)
+        domains = np.full(len(rows), NO_DOMAIN, np.int32)
+        waves[~negative] = self.store.read(clips)
+        labels[~negative], domains[~negative] = self.train_labels[clips], self.train_domain[clips]
+        for k in np.flatnonzero(negative):  # running speech with no command: a window, _unknown_, no domain
+            waves[k], _ = cut_window(self.negatives, self.negatives_real, cfg.features.clip_samples, rngs[k])
+        if cfg.augment.context_probability > 0:  # words as a sliding window meets them in a stream
+            is_word = np.zeros(len(self.train_labels) + self.negatives_count, bool)
+            is_word[self.word_rows] = True
+            chosen = [k for k in np.flatnonzero(~negative & is_word[rows])
+                      if rngs[k].random() < cfg.augment.context_probability]
+            neighbours = [int(self.word_rows[rngs[k].integers(len(self.word_rows))]) for k in chosen]
+            if chosen:
+                others = self.store.read(np.array(neighbours))
+                for k, j, other in zip(chosen, neighbours, others, strict=True):
+                    waves[k], labels[k] = stream_context(waves[k], other, int(labels[k]), int(self.train_labels[j]),
+                                                         rngs[k], self.is_command, self.labels.index(UNKNOWN), rate)
+        waves = augment(waves, self.noise, cfg.augment, rngs, rate)
         return mfcc_batched(waves, cfg.features), labels, domains
 
 
 def load_negatives(folders: list[str], sample_rate: int, show_progress: bool = True
                    ) -> tuple[list[np.ndarray], list[bool]]:
-    """Every audio file under the folders (recordings with no command in them), and whether each is
-    real speech (a folder without a synth.json record) rather than synthetic."""
+    """Every audio file under the folders (recordings with no command in them), as int16 at
+    sample_rate, and whether each is real speech (a folder without a synth.json record)."""
     from data_prep.dataset import AUDIO_EXTENSIONS
 
     waves, real = [], []
@@ -159,30 +224,33 @@ def load_negatives(folders: list[str], sample_rate: int, show_progress: bool = T
                        and not p.name.startswith("."))
         if not files:
             raise SpeechRNNError("no audio files here (negatives: recordings with no command in them)", root)
-        synthetic = (root / "synth.json").exists()
+        synthetic = (root / "synth.json").exists() or (root / "mined.json").exists()
         with progress(files, f"loading negatives from {root.name}", show_progress) as bar:
             for path in bar:
                 try:
-                    waves.append(load_audio(path, sample_rate))
-                    real.append(not synthetic)
+                    audio = load_audio(path, sample_rate)
                 except SpeechRNNError as err:
-                    log.warning("skipped: %s", err)
+                    log.error("%s", err)
+                    continue
+                waves.append(np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16))
+                real.append(not synthetic)
     return waves, real
 
 
-def cut_windows(recordings: list[np.ndarray], real: list[bool], count: int, length: int, rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` windows of ``length`` samples at random places in the recordings (chosen in
-    proportion to their length; shorter ones are zero-padded), and whether each came from real speech."""
-    sizes = np.array([max(1, len(r) - length + 1) for r in recordings], np.float64)
-    picks = rng.choice(len(recordings), size=count, p=sizes / sizes.sum())
-    out = np.zeros((count, length), np.float32)
-    for k, r in enumerate(picks):
-        rec = recordings[r]
-        start = int(rng.integers(0, max(1, len(rec) - length + 1)))
-        piece = rec[start : start + length]
-        out[k, : len(piece)] = piece
-    return out, np.array([real[r] for r in picks], bool)
+def cut_window(recordings: list[np.ndarray], real: list[bool], length: int, rng: np.random.Generator
+               ) -> tuple[np.ndarray, bool]:
+    """One window of ``length`` samples (float32) at a random place in the recordings (int16 or
+    float), a recording chosen in proportion to its duration (so a one-second mined window weighs
+    a third of a three-second sentence; a shorter one is zero-padded), and whether it came from
+    real speech."""
+    sizes = np.array([max(1, len(r)) for r in recordings], np.float64)
+    r = int(rng.choice(len(recordings), p=sizes / sizes.sum()))
+    rec = recordings[r]
+    start = int(rng.integers(0, max(1, len(rec) - length + 1)))
+    out = np.zeros(length, np.float32)
+    piece = rec[start : start + length]
+    out[: len(piece)] = piece / np.float32(32767) if rec.dtype == np.int16 else piece
+    return out, real[r]
 
 
 def check_words_have_clips(config: TrainConfig) -> None:
@@ -209,34 +277,149 @@ def _cap_per_label(examples, cap, seed):
     return out
 
 
-class Prefetcher:
-    """Computes the next epoch's features in a background thread while this one trains."""
+def replica_cuts(n: int, replicas: int) -> np.ndarray:
+    """Where a global batch of ``n`` examples is cut into ``replicas`` contiguous slices [replicas + 1]
+    (as numpy.array_split: the first n % replicas slices get one example more; some may be empty)."""
+    q, r = divmod(n, replicas)
+    return np.concatenate([[0], np.cumsum([q + 1] * r + [q] * (replicas - r))]).astype(np.int64)
 
-    def __init__(self, data: TrainingData):
-        self.data = data
-        self._thread = None
-        self._result = None
-        self._epoch = None
 
-    def start(self, epoch: int) -> None:
-        def work():
-            try:
-                self._result = self.data.epoch(epoch)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in get()
-                self._result = exc
+@dataclass
+class Step:
+    """One training step's inputs for this worker: its replicas' slices of the global batch, back to
+    back (x [n, frames, n_mfcc], y [n], domain [n]), where each local replica's slice starts
+    (bounds [local replicas + 1]), and the global batch's size and number of examples with a domain."""
 
-        self._epoch, self._result = epoch, None
-        self._thread = threading.Thread(target=work, daemon=True)
+    x: np.ndarray
+    y: np.ndarray
+    domain: np.ndarray
+    bounds: np.ndarray
+    batch_total: float
+    domain_total: float
+
+    def args(self) -> tuple:
+        return (self.x, self.y, self.domain, self.bounds, np.float32(self.batch_total), np.float32(self.domain_total))
+
+
+@dataclass
+class _Chunk:
+    epoch: int
+    x: np.ndarray
+    y: np.ndarray
+    domain: np.ndarray
+    starts: np.ndarray  # [steps + 1]: where each step's examples start in x
+    bounds: list[np.ndarray]
+    totals: list[int]
+    domain_totals: list[int]
+
+
+class BatchStream:
+    """This worker's share of every epoch's batches, made in a background thread a few chunks
+    (QUEUE_CHUNKS x CHUNK_CLIPS clips) ahead of the training loop, across epoch boundaries.
+
+    ``wait_seconds[epoch]`` is how long the training loop waited for features in that epoch,
+    ``thread_cpu_seconds[epoch]`` the CPU time the thread spent making them, and
+    ``domain_counts[epoch]`` how many of the epoch's examples (all workers') have a domain label.
+    """
+
+    def __init__(self, data: TrainingData, dist: Distribution, batch_size: int, first_epoch: int, last_epoch: int):
+        self.data, self.batch_size = data, batch_size
+        self.replicas, self.local = dist.num_replicas, dist.local_replicas
+        self.first_epoch, self.last_epoch = first_epoch, last_epoch
+        self.steps_per_epoch = math.ceil(data.epoch_size / batch_size)
+        local_batch = math.ceil(batch_size * len(self.local) / self.replicas)
+        self.steps_per_chunk = max(1, CHUNK_CLIPS // max(1, local_batch))
+        self.wait_seconds: dict[int, float] = defaultdict(float)
+        self.thread_cpu_seconds: dict[int, float] = defaultdict(float)
+        self.domain_counts: dict[int, int] = {}
+        self._queue: queue.Queue = queue.Queue(QUEUE_CHUNKS)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="batch-stream", daemon=True)
         self._thread.start()
 
-    def get(self, epoch: int):
-        if self._epoch != epoch:
-            self.start(epoch)
-        self._thread.join()
-        result, self._epoch = self._result, None
-        if isinstance(result, BaseException):
-            raise result
-        return result
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        data, B, E = self.data, self.batch_size, self.data.epoch_size
+        lo_rep, hi_rep = self.local.start, self.local.stop
+        try:
+            for epoch in range(self.first_epoch, self.last_epoch + 1):
+                c0 = time.thread_time()
+                order = data.epoch_order(epoch)
+                has_domain = data.domains(order) >= 0
+                self.domain_counts[epoch] = int(has_domain.sum())
+                for s0 in range(0, self.steps_per_epoch, self.steps_per_chunk):
+                    positions, starts, bounds, totals, domain_totals = [], [0], [], [], []
+                    for step in range(s0, min(self.steps_per_epoch, s0 + self.steps_per_chunk)):
+                        lo, hi = step * B, min(E, (step + 1) * B)
+                        cuts = replica_cuts(hi - lo, self.replicas)
+                        positions.append(np.arange(lo + cuts[lo_rep], lo + cuts[hi_rep]))
+                        starts.append(starts[-1] + len(positions[-1]))
+                        bounds.append((cuts[lo_rep : hi_rep + 1] - cuts[lo_rep]).astype(np.int32))
+                        totals.append(hi - lo)
+                        domain_totals.append(int(has_domain[lo:hi].sum()))
+                    x, y, d = data.features(epoch, order, np.concatenate(positions))
+                    self.thread_cpu_seconds[epoch] += time.thread_time() - c0
+                    if not self._put(_Chunk(epoch, x, y, d, np.array(starts), bounds, totals, domain_totals)):
+                        return
+                    c0 = time.thread_time()
+        except BaseException as exc:  # noqa: BLE001 - handed to the training loop, which re-raises it
+            self._put(exc)
+
+    def batches(self, epoch: int) -> _EpochBatches:
+        """The epoch's steps, in order (epochs must be asked for in order, from first_epoch)."""
+        return _EpochBatches(self, epoch)
+
+    def _next_chunk(self, epoch: int) -> _Chunk:
+        t0 = time.perf_counter()
+        while True:
+            if not self._thread.is_alive() and self._queue.empty():
+                raise RuntimeError("the batch thread ended early")
+            try:
+                item = self._queue.get(timeout=0.5)
+                break
+            except queue.Empty:
+                continue
+        self.wait_seconds[epoch] += time.perf_counter() - t0
+        if isinstance(item, BaseException):
+            raise item
+        if item.epoch != epoch:
+            raise RuntimeError(f"batch thread is at epoch {item.epoch}, the training loop at {epoch}")
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock a put in progress
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10)
+
+
+class _EpochBatches:
+    def __init__(self, stream: BatchStream, epoch: int):
+        self.stream, self.epoch = stream, epoch
+
+    def __len__(self) -> int:
+        return self.stream.steps_per_epoch
+
+    def __iter__(self) -> Iterator[Step]:
+        done = 0
+        while done < self.stream.steps_per_epoch:
+            chunk = self.stream._next_chunk(self.epoch)
+            for k in range(len(chunk.totals)):
+                part = slice(chunk.starts[k], chunk.starts[k + 1])
+                yield Step(chunk.x[part], chunk.y[part], chunk.domain[part], chunk.bounds[k],
+                           chunk.totals[k], chunk.domain_totals[k])
+            done += len(chunk.totals)
 
 
 def save_npz_atomic(path: Path, arrays: dict) -> None:
@@ -248,7 +431,8 @@ def save_npz_atomic(path: Path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_weights_npz(path: Path, prefix: str = "model") -> list[np.ndarray]:
+def load_weights_npz(path, prefix: str = "model") -> list[np.ndarray]:
+    """A checkpoint's arrays saved under ``prefix`` ("model", "trained" or "opt"); ``path`` may be a file object."""
     with np.load(path) as data:
         n = int(data[f"{prefix}_count"])
         return [data[f"{prefix}_{i}"] for i in range(n)]
@@ -278,11 +462,28 @@ def reversal_strength(cfg: TrainConfig, epoch: int) -> float:
     return float(cfg.domain_adversarial * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0))
 
 
-def build_training(cfg: TrainConfig, num_labels: int, norm: dict, epoch_size: int):
-    """The model, the model trained (itself, or with a domain head), its Adam optimizer (gradient
-    clipping, warm-up + cosine schedule) and the schedule."""
-    import keras
+if not hasattr(keras.optimizers.Adam, "_all_reduce_sum_gradients"):  # pragma: no cover - a Keras upgrade
+    raise ImportError("this Keras no longer has TFOptimizer._all_reduce_sum_gradients; "
+                      "speechrnn.train.SummedGradientsAdam must be revisited")
 
+
+class SummedGradientsAdam(keras.optimizers.Adam):
+    """Adam that is given gradients already summed over replicas, and clipped on that sum.
+
+    Keras' TensorFlow optimizer sums gradients over replicas itself, after clipping each replica's
+    share (keras/src/backend/tensorflow/optimizer.py), so with more than one replica global-norm
+    clipping would clip partial gradients, not the batch's. Our train step sums them first (one
+    all-reduce), clips the sum, and this optimizer applies it as it is. With one replica it is Adam.
+    """
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return list(grads_and_vars)
+
+
+def build_training(cfg: TrainConfig, num_labels: int, norm: dict, epoch_size: int):
+    """The model, the model trained (itself, or with a domain head), its Adam optimizer (warm-up +
+    cosine schedule; clipping happens in the train step) and the schedule. Call inside the
+    strategy's scope for distributed training."""
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(cfg.model, cfg.features.shape, num_labels, norm["mean"], norm["variance"], cfg.seed)
     trained = with_domain_head(model, 2, seed=cfg.seed) if cfg.domain_adversarial > 0 else model
@@ -293,49 +494,66 @@ def build_training(cfg: TrainConfig, num_labels: int, norm: dict, epoch_size: in
         cfg.learning_rate * 0.1, max(1, total_steps - warmup), alpha=0.01,
         warmup_target=cfg.learning_rate, warmup_steps=warmup,
     )
-    optimizer = keras.optimizers.Adam(
-        learning_rate=schedule,
-        global_clipnorm=cfg.clipnorm if cfg.clipnorm > 0 else None,
-        clipvalue=cfg.clipvalue if cfg.clipnorm <= 0 and cfg.clipvalue > 0 else None,
-    )
+    optimizer = SummedGradientsAdam(learning_rate=schedule)
     optimizer.build(trained.trainable_variables)
     return model, trained, optimizer, schedule
 
 
-def make_steps(model, trained, optimizer, cfg: TrainConfig):
-    """Compiled (train_step, predict). train_step(x, y, domain) returns the classification loss,
-    the global gradient norm before clipping (the optimizer clips inside apply), the number of
-    correct predictions, and the domain head's loss and correct count (zeros without one)."""
-    tf = import_tf()
-    import keras
+def make_steps(model, trained, optimizer, cfg: TrainConfig, dist: Distribution | None = None):
+    """Compiled (train_step, predict).
 
+    ``train_step(*Step.args())`` runs one step on every local replica and returns the global
+    batch's classification loss (mean), the global norm of its gradient before clipping, its
+    number of correct predictions, and the domain head's loss and correct count (zeros without
+    one); the same numbers on every worker. ``predict(x)`` gives the exported model's
+    probabilities [n, labels] for MFCC frames x [n, frames, n_mfcc], on this worker alone.
+    """
+    tf = import_tf()
+    dist = dist or Distribution("default", tf.distribute.get_strategy())
+    strategy, first = dist.strategy, dist.local_replicas.start
     spec_x = tf.TensorSpec([None, *cfg.features.shape], tf.float32)
     spec_y = tf.TensorSpec([None], tf.int32)
+    scalar = tf.TensorSpec([], tf.float32)
     adversarial = trained is not model
+    variables = trained.trainable_variables
 
-    @tf.function(input_signature=[spec_x, spec_y, spec_y])
-    def train_step(x, y, domain):
+    def replica_step(x, y, domain, bounds, batch_total, domain_total):
+        ctx = tf.distribute.get_replica_context()
+        j = ctx.replica_id_in_sync_group - first
+        x, y, domain = x[bounds[j] : bounds[j + 1]], y[bounds[j] : bounds[j + 1]], domain[bounds[j] : bounds[j + 1]]
         with tf.GradientTape() as tape:
             if adversarial:
                 probs, domain_probs = trained(x, training=True)
             else:
                 probs = trained(x, training=True)
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probs))
+            # This replica's share of the global batch's mean: the shares sum to the mean.
+            loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, probs)) / batch_total
             total = loss
             domain_loss, domain_correct = tf.constant(0.0), tf.constant(0.0)
-            if adversarial:  # the mean over examples that have a domain (not silence)
+            if adversarial:  # the mean over the global batch's examples that have a domain (not silence)
                 has = tf.cast(domain >= 0, tf.float32)
                 known = tf.maximum(domain, 0)
                 per = keras.losses.sparse_categorical_crossentropy(known, domain_probs)
-                domain_loss = tf.reduce_sum(per * has) / tf.maximum(tf.reduce_sum(has), 1.0)
+                domain_loss = tf.reduce_sum(per * has) / tf.maximum(domain_total, 1.0)
                 hit = tf.cast(tf.equal(tf.argmax(domain_probs, -1, output_type=tf.int32), known), tf.float32)
                 domain_correct = tf.reduce_sum(hit * has)
                 total = loss + domain_loss
-        grads = tape.gradient(total, trained.trainable_variables)
-        norm = tf.linalg.global_norm(grads)
-        optimizer.apply(grads, trained.trainable_variables)
+        grads = tape.gradient(total, variables)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
+        grads, loss, correct, domain_loss, domain_correct = ctx.all_reduce(
+            tf.distribute.ReduceOp.SUM, [grads, loss, correct, domain_loss, domain_correct])
+        norm = tf.linalg.global_norm(grads)
+        if cfg.clipnorm > 0:
+            grads, _ = tf.clip_by_global_norm(grads, cfg.clipnorm, use_norm=norm)
+        elif cfg.clipvalue > 0:
+            grads = [tf.clip_by_value(g, -cfg.clipvalue, cfg.clipvalue) for g in grads]
+        optimizer.apply(grads, variables)
         return loss, norm, correct, domain_loss, domain_correct
+
+    @tf.function(input_signature=[spec_x, spec_y, spec_y, spec_y, scalar, scalar])
+    def train_step(x, y, domain, bounds, batch_total, domain_total):
+        out = strategy.run(replica_step, args=(x, y, domain, bounds, batch_total, domain_total))
+        return tuple(strategy.experimental_local_results(v)[0] for v in out)
 
     @tf.function(input_signature=[spec_x])
     def predict(x):
@@ -344,21 +562,58 @@ def make_steps(model, trained, optimizer, cfg: TrainConfig):
     return train_step, predict
 
 
+def _collective_failure(message: str) -> str:
+    """The informative part of TensorFlow's message for a failed collective operation."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    for line in lines:
+        if "aborted by:" in line:
+            return line.split("aborted by:", 1)[1].strip()[:160]
+    for line in lines:
+        if not line.startswith(("Graph execution error", "Detected at node", "File ", "[[")):
+            return line[:160]
+    return "a collective operation failed"
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, report: Callable[[str], None] | None = None,
-                 show_progress: bool = True):
+    """Trains a run folder, on the strategy named by ``strategy`` (speechrnn.distribute.STRATEGIES).
+
+    With ``multiworker``, every worker runs a Trainer; the chief (worker 0) prepares and writes the
+    run folder and sends the others its config, normalisation and, on resume, its last checkpoint,
+    so the other workers need no copy of the run folder (only the data, at the same paths).
+    """
+
+    def __init__(self, config: TrainConfig | None, run_dir: str | os.PathLike,
+                 report: Callable[[str], None] | None = None, show_progress: bool = True,
+                 strategy: str = "default", epochs: int | None = None):
         self.config = config
         self.run_dir = Path(run_dir)
         self.report = report or log.info
         self.show_progress = show_progress
+        self.strategy = strategy
+        self.cluster = cluster_from_env(strategy)  # checks TF_CONFIG before anything slow happens
+        self.epochs = epochs  # on resume: a new number of epochs
+        self.dist: Distribution | None = None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.cluster is None or self.cluster.is_chief
 
     # --- run folder -------------------------------------------------------------------------
     @classmethod
-    def resume(cls, run_dir, report=None, show_progress=True, epochs: int | None = None) -> Trainer:
-        config = TrainConfig.load(Path(run_dir) / "config.json")
-        if epochs:
-            config.epochs = epochs
-        return cls(config, run_dir, report, show_progress)
+    def resume(cls, run_dir, report=None, show_progress=True, epochs: int | None = None,
+               strategy: str = "default") -> Trainer:
+        """A Trainer that continues the run in ``run_dir``. With ``multiworker`` its config is read
+        (by the chief) only once the workers are connected."""
+        trainer = cls(None, run_dir, report, show_progress, strategy, epochs)
+        if trainer.cluster is None:
+            trainer.config = trainer._load_config()
+        return trainer
+
+    def _load_config(self) -> TrainConfig:
+        config = TrainConfig.load(self.run_dir / "config.json")
+        if self.epochs:
+            config.epochs = self.epochs
+        return config
 
     def _prepare_run_dir(self, resume: bool) -> None:
         if not resume and (self.run_dir / "config.json").exists():
@@ -370,125 +625,198 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
+        """Train to the end (or early stop) and return the summary. Raises SpeechRNNError for
+        anything the user can fix, including a worker lost mid-run (then every worker must be
+        started again with --resume)."""
         check_words_have_clips(self.config)  # before TensorFlow loads and the run folder is made
-        import_tf()
-        import keras
-
-        cfg = self.config
-        self._prepare_run_dir(resume)
-        self._log_handler = logging.FileHandler(self.run_dir / "train.log")
-        logging.getLogger("speechrnn").addHandler(self._log_handler)
+        tf = import_tf()
+        if self.cluster is not None:
+            self.report(f"{self.cluster.task} of {len(self.cluster.workers)} workers ({self.cluster.address}): "
+                        "waiting for the others")
+        self.dist = dist = make_distribution(self.strategy, self.cluster)
+        handler = None
+        lost = (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError,
+                tf.errors.DeadlineExceededError, tf.errors.FailedPreconditionError, tf.errors.InternalError)
         try:
-            return self._run(keras, cfg, resume)
+            cfg, state, norm, checkpoint = self._handshake(dist, resume)
+            if dist.is_chief:
+                handler = logging.FileHandler(self.run_dir / "train.log")
+                logging.getLogger("speechrnn").addHandler(handler)
+            return self._run(cfg, state, norm, checkpoint, dist)
+        except lost as exc:
+            if dist.num_workers == 1:
+                raise
+            raise SpeechRNNError(
+                f"lost contact with another worker ({_collective_failure(exc.message)}): start every worker again "
+                "with the same command and --resume; training goes on after the last epoch the chief saved") from None
         finally:
-            logging.getLogger("speechrnn").removeHandler(self._log_handler)
-            self._log_handler.close()
+            if handler is not None:
+                logging.getLogger("speechrnn").removeHandler(handler)
+                handler.close()
 
-    def _run(self, keras, cfg: TrainConfig, resume: bool) -> dict:
+    def _handshake(self, dist: Distribution, resume: bool):
+        """The chief prepares the run folder and reads what a resumed run needs; every worker gets
+        the chief's config, training state, normalisation and checkpoint (bytes), or its error."""
+        header, checkpoint, error = {}, b"", None
+        if dist.is_chief:
+            try:
+                if self.config is None:
+                    self.config = self._load_config()
+                self._prepare_run_dir(resume)
+                state_path = self.run_dir / "checkpoints" / "last.npz"
+                if resume and state_path.exists():
+                    checkpoint = state_path.read_bytes()
+                    with np.load(io.BytesIO(checkpoint)) as ck:
+                        header["state"] = json.loads(str(ck["state"]))
+                    self.report(f"resuming {self.run_dir} after epoch {header['state']['epoch']}")
+                elif resume:
+                    self.report(f"nothing to resume in {self.run_dir}: starting from epoch 1")
+                norm_path = self.run_dir / "normalization.json"
+                if norm_path.exists():
+                    header["norm"] = json.loads(norm_path.read_text())
+                header["config"] = self.config.to_dict()
+            except SpeechRNNError as err:
+                error, header, checkpoint = err, {"error": str(err)}, b""
+            if dist.num_workers > 1:
+                dist.broadcast(pack(header, checkpoint))
+            if error is not None:
+                raise error
+        else:
+            header, checkpoint = unpack(dist.broadcast(None))
+            if "error" in header:
+                raise SpeechRNNError(f"the chief stopped: {header['error']}")
+            if self.config is not None and self.config.to_dict() != header["config"]:
+                mine, chief = self.config.to_dict(), header["config"]
+                differ = sorted(k for k in chief if mine.get(k) != chief[k])
+                log.warning("this worker's training options differ from the chief's in %s: the chief's are used",
+                            ", ".join(differ))
+            self.config = TrainConfig.from_dict(header["config"])
+        state = header.get("state") or {"epoch": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "wait": 0,
+                                        "history": []}
+        if dist.num_workers > 1:
+            self.report(f"{dist.describe}: connected")
+        return self.config, state, header.get("norm"), checkpoint
+
+    def _normalization(self, data: TrainingData, dist: Distribution) -> dict:
+        """Per-coefficient mean and variance of epoch 0's augmented features (up to NORM_CLIPS clips:
+        seeded, so a resumed run or another worker gets the same), each worker computing a share."""
+        order = data.epoch_order(0)
+        mine = np.array_split(np.arange(min(len(order), NORM_CLIPS)), dist.num_workers)[dist.worker_index]
+        n = data.config.features.n_mfcc
+        sums = np.zeros(2 * n + 1)
+        for start in range(0, len(mine), CHUNK_CLIPS):
+            x, _, _ = data.features(0, order, mine[start : start + CHUNK_CLIPS])
+            flat = x.reshape(-1, n).astype(np.float64)
+            sums += np.concatenate([flat.sum(0), np.square(flat).sum(0), [len(flat)]])
+        sums = dist.sum(sums)
+        mean = sums[:n] / sums[-1]
+        return {"mean": mean.tolist(), "variance": np.maximum(sums[n : 2 * n] / sums[-1] - mean**2, 0.0).tolist()}
+
+    def _run(self, cfg: TrainConfig, state: dict, norm: dict | None, checkpoint: bytes, dist: Distribution) -> dict:
         started = time.time()
-        data = TrainingData(cfg, self.show_progress)
+        data, error = None, None
+        try:
+            data = TrainingData(cfg, self.show_progress)
+        except SpeechRNNError as err:
+            error = err
+        dist.agree(error, "load its training data")
+        chief_digest = dist.broadcast(data.digest.encode() if dist.is_chief else None).decode()
+        dist.agree(None if chief_digest == data.digest else SpeechRNNError(
+            "this worker's training or validation clips differ from the chief's: every worker needs the same "
+            "files at the same paths"), "load the chief's training data")
         labels = data.labels
-        prefetch = Prefetcher(data)
-        state_path = self.run_dir / "checkpoints" / "last.npz"
-        state = {"epoch": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "wait": 0, "history": []}
-        if resume and state_path.exists():
-            with np.load(state_path) as ck:
-                state = json.loads(str(ck["state"]))
-            self.report(f"resuming {self.run_dir} after epoch {state['epoch']}")
-        elif resume:
-            self.report(f"nothing to resume in {self.run_dir}: starting from epoch 1")
-        norm_path = self.run_dir / "normalization.json"
+        if norm is None:
+            norm = self._normalization(data, dist)
+            if dist.is_chief:
+                write_json_atomic(self.run_dir / "normalization.json", norm)
         first_epoch = state["epoch"] + 1
-        if norm_path.exists():
-            norm = json.loads(norm_path.read_text())
-        else:
-            x0, _, _ = prefetch.get(0)  # statistics from the first (augmented) epoch: seeded, cheap
-            norm = {"mean": x0.mean(axis=(0, 1)).tolist(), "variance": x0.var(axis=(0, 1)).tolist()}
-            write_json_atomic(norm_path, norm)
-        if first_epoch <= cfg.epochs:
-            prefetch.start(first_epoch)  # the first epoch's features are made while the model is built
-        model, trained, optimizer, schedule = build_training(cfg, len(labels), norm, data.epoch_size)
-        if resume and state_path.exists():
-            model.set_weights(load_weights_npz(state_path, "model"))
-            if trained is not model:
-                trained.set_weights(load_weights_npz(state_path, "trained"))
-            for var, value in zip(optimizer.variables, load_weights_npz(state_path, "opt"), strict=True):
-                var.assign(value)
-        train_step, predict = make_steps(model, trained, optimizer, cfg)
-        reversal = trained.get_layer("gradient_reversal") if trained is not model else None
-
-        n_params = int(model.count_params())
-        self.report(f"{cfg.model.name}: {n_params:,} parameters; {len(data.train_examples)} training clips "
-                    f"({data.epoch_size} per epoch with oversampling), {len(data.val_examples)} validation; "
-                    f"labels: {' '.join(labels)}")
+        # The first epoch's batches are made while the model is built and its step traced.
+        stream = BatchStream(data, dist, cfg.batch_size, first_epoch, cfg.epochs) if first_epoch <= cfg.epochs else None
         stopped_early = False
-        for epoch in range(first_epoch, cfg.epochs + 1):
-            if state["wait"] >= cfg.patience:
-                stopped_early = True
-                break
-            t0 = time.time()
-            x, y, d = prefetch.get(epoch)
-            if epoch < cfg.epochs:
-                prefetch.start(epoch + 1)
-            keras.utils.set_random_seed(cfg.seed * 1000 + epoch)
-            if reversal is not None:
-                reversal.strength.assign(reversal_strength(cfg, epoch))
-            losses, norms, correct, domain_losses, domain_correct = [], [], 0.0, [], 0.0
-            batches = range(0, len(x), cfg.batch_size)
-            with progress(batches, f"epoch {epoch}/{cfg.epochs}", self.show_progress and sys.stderr.isatty()) as bar:
-                for start in bar:
-                    batch = slice(start, start + cfg.batch_size)
-                    loss, gnorm, ok, dloss, dok = train_step(x[batch], y[batch], d[batch])
-                    losses.append(float(loss))
-                    norms.append(float(gnorm))
-                    correct += float(ok)
-                    domain_losses.append(float(dloss))
-                    domain_correct += float(dok)
-            if not np.all(np.isfinite(losses)):
-                raise SpeechRNNError(f"training diverged at epoch {epoch} (loss is not finite); try --clipnorm 1 "
-                                     "or a lower --lr", self.run_dir)
-            probs = np.concatenate([predict(data.val_x[i : i + 512]).numpy() for i in range(0, len(data.val_x), 512)])
-            val_loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(probs)), data.val_y], 1e-12))))
-            val_acc = float(np.mean(probs.argmax(1) == data.val_y))
-            norms_arr = np.array(norms)
-            row = {
-                "epoch": epoch, "loss": float(np.mean(losses)), "accuracy": correct / len(x),
-                "val_loss": val_loss, "val_accuracy": val_acc,
-                "learning_rate": float(schedule(int(optimizer.iterations.numpy()))),
-                "grad_norm_max": float(norms_arr.max()), "grad_norm_median": float(np.median(norms_arr)),
-                "clipped_fraction": float(np.mean(norms_arr > cfg.clipnorm)) if cfg.clipnorm > 0 else 0.0,
-                "seconds": round(time.time() - t0, 2),
-                "domain_loss": float(np.mean(domain_losses)) if reversal is not None else "",
-                "domain_accuracy": domain_correct / max(1, int(np.sum(d >= 0))) if reversal is not None else "",
-                "reversal_strength": round(reversal_strength(cfg, epoch), 4) if reversal is not None else "",
-            }
-            state["history"].append(row)
-            improved = val_acc > state["best_val_accuracy"]
-            if improved:
-                state.update(best_val_accuracy=val_acc, best_epoch=epoch, wait=0)
-                save_npz_atomic(self.run_dir / "checkpoints" / "best.npz",
-                                {**_arrays("model", model.get_weights()), "epoch": np.array(epoch)})
+        try:
+            with dist.strategy.scope():
+                model, trained, optimizer, schedule = build_training(cfg, len(labels), norm, data.epoch_size)
+            if checkpoint:
+                model.set_weights(load_weights_npz(io.BytesIO(checkpoint), "model"))
+                if trained is not model:
+                    trained.set_weights(load_weights_npz(io.BytesIO(checkpoint), "trained"))
+                opt_values = load_weights_npz(io.BytesIO(checkpoint), "opt")
+                for var, value in zip(optimizer.variables, opt_values, strict=True):
+                    var.assign(value)
+            train_step, predict = make_steps(model, trained, optimizer, cfg, dist)
+            reversal = trained.get_layer("gradient_reversal") if trained is not model else None
+            val_rows = np.array_split(np.arange(len(data.val_x)), dist.num_workers)[dist.worker_index]
+            n_params = int(model.count_params())
+            self.report(f"{cfg.model.name}: {n_params:,} parameters; {len(data.train_examples)} training clips "
+                        f"({data.epoch_size} per epoch with oversampling"
+                        + (f" and {data.negatives_count} windows of {len(data.negatives)} negatives recordings"
+                           if data.negatives_count else "")
+                        + f"), {len(data.val_examples)} validation; labels: {' '.join(labels)}")
+            for epoch in range(first_epoch, cfg.epochs + 1):
+                if state["wait"] >= cfg.patience:
+                    stopped_early = True
+                    break
+                t0 = time.time()
+                keras.utils.set_random_seed(cfg.seed * 1000 + epoch)
+                if reversal is not None:
+                    reversal.strength.assign(reversal_strength(cfg, epoch))
+                losses, norms, correct, domain_losses, domain_correct = [], [], 0.0, [], 0.0
+                show = self.show_progress and sys.stderr.isatty()
+                with progress(stream.batches(epoch), f"epoch {epoch}/{cfg.epochs}", show) as bar:
+                    for step in bar:
+                        loss, gnorm, ok, dloss, dok = train_step(*step.args())
+                        losses.append(float(loss))
+                        norms.append(float(gnorm))
+                        correct += float(ok)
+                        domain_losses.append(float(dloss))
+                        domain_correct += float(dok)
+                if not np.all(np.isfinite(losses)):
+                    raise SpeechRNNError(f"training diverged at epoch {epoch} (loss is not finite); try --clipnorm 1 "
+                                         "or a lower --lr", self.run_dir)
+                val_loss_sum, val_correct = 0.0, 0
+                for i in range(0, len(val_rows), 512):
+                    rows = val_rows[i : i + 512]
+                    probs = predict(data.val_x[rows]).numpy()
+                    val_loss_sum -= float(np.sum(np.log(np.maximum(probs[np.arange(len(rows)), data.val_y[rows]], 1e-12))))
+                    val_correct += int(np.sum(probs.argmax(1) == data.val_y[rows]))
+                val_loss_sum, val_correct = dist.sum([val_loss_sum, val_correct])
+                val_loss, val_acc = float(val_loss_sum / len(data.val_x)), float(val_correct / len(data.val_x))
+                norms_arr = np.array(norms)
+                row = {
+                    "epoch": epoch, "loss": float(np.mean(losses)), "accuracy": correct / data.epoch_size,
+                    "val_loss": val_loss, "val_accuracy": val_acc,
+                    "learning_rate": float(schedule(int(optimizer.iterations.numpy()))),
+                    "grad_norm_max": float(norms_arr.max()), "grad_norm_median": float(np.median(norms_arr)),
+                    "clipped_fraction": float(np.mean(norms_arr > cfg.clipnorm)) if cfg.clipnorm > 0 else 0.0,
+                    "seconds": round(time.time() - t0, 2),
+                    "domain_loss": float(np.mean(domain_losses)) if reversal is not None else "",
+                    "domain_accuracy": domain_correct / max(1, stream.domain_counts[epoch]) if reversal is not None else "",
+                    "reversal_strength": round(reversal_strength(cfg, epoch), 4) if reversal is not None else "",
+                    "input_wait_seconds": round(stream.wait_seconds[epoch], 2),
+                }
+                state["history"].append(row)
+                improved = val_acc > state["best_val_accuracy"]
+                if improved:
+                    state.update(best_val_accuracy=val_acc, best_epoch=epoch, wait=0)
+                else:
+                    state["wait"] += 1
+                state["epoch"] = epoch
+                if dist.is_chief:
+                    self._save_checkpoints(model, trained, optimizer, state, improved)
+                domain = (f"  domain acc {row['domain_accuracy']:.3f} (reversal {row['reversal_strength']:.2f})"
+                          if reversal is not None else "")
+                self.report(
+                    f"{'' if dist.is_chief else f'[worker {dist.worker_index}] '}"
+                    f"epoch {epoch:3d}/{cfg.epochs}  loss {row['loss']:.3f}  acc {row['accuracy']:.3f}  "
+                    f"val_loss {val_loss:.3f}  val_acc {val_acc:.3f}{' *' if improved else '  '}  "
+                    f"grad-norm max {row['grad_norm_max']:.2f} median {row['grad_norm_median']:.2f}  "
+                    f"lr {row['learning_rate']:.2e}  {row['seconds']:.0f}s{domain}"
+                )
             else:
-                state["wait"] += 1
-            state["epoch"] = epoch
-            save_npz_atomic(state_path, {
-                **_arrays("model", model.get_weights()),
-                **(_arrays("trained", trained.get_weights()) if trained is not model else {}),
-                **_arrays("opt", [v.numpy() for v in optimizer.variables]),
-                "state": np.array(json.dumps(state)),
-            })
-            self._write_history(state["history"])
-            domain = (f"  domain acc {row['domain_accuracy']:.3f} (reversal {row['reversal_strength']:.2f})"
-                      if reversal is not None else "")
-            self.report(
-                f"epoch {epoch:3d}/{cfg.epochs}  loss {row['loss']:.3f}  acc {row['accuracy']:.3f}  "
-                f"val_loss {val_loss:.3f}  val_acc {val_acc:.3f}{' *' if improved else '  '}  "
-                f"grad-norm max {row['grad_norm_max']:.2f} median {row['grad_norm_median']:.2f}  "
-                f"lr {row['learning_rate']:.2e}  {row['seconds']:.0f}s{domain}"
-            )
-        else:
-            stopped_early = state["epoch"] < cfg.epochs
-        self._plot_curves(state["history"])
+                stopped_early = state["epoch"] < cfg.epochs
+        finally:
+            if stream is not None:
+                stream.close()
         summary = {
             "model": cfg.model.name,
             "parameters": n_params,
@@ -501,14 +829,33 @@ class Trainer:
             "val_clips": len(data.val_examples),
             "data": cfg.data,
             "train_only": cfg.train_only,
+            "negatives": cfg.negatives,
             "skipped": data.skipped,  # "<file>: <reason>" of every clip that could not be read (left out)
             "grad_norm_max": max(r["grad_norm_max"] for r in state["history"]) if state["history"] else None,
+            "strategy": dist.name,
+            "workers": dist.num_workers,
+            "replicas": dist.num_replicas,
             "seconds_this_session": round(time.time() - started, 1),
         }
-        write_json_atomic(self.run_dir / "summary.json", summary)
-        self.report(f"best validation accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']}; "
-                    f"run folder: {self.run_dir}")
+        if dist.is_chief:
+            self._plot_curves(state["history"])
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            self.report(f"best validation accuracy {summary['best_val_accuracy']:.4f} at epoch "
+                        f"{summary['best_epoch']}; run folder: {self.run_dir}")
+        dist.finish()
         return summary
+
+    def _save_checkpoints(self, model, trained, optimizer, state: dict, improved: bool) -> None:
+        if improved:
+            save_npz_atomic(self.run_dir / "checkpoints" / "best.npz",
+                            {**_arrays("model", model.get_weights()), "epoch": np.array(state["epoch"])})
+        save_npz_atomic(self.run_dir / "checkpoints" / "last.npz", {
+            **_arrays("model", model.get_weights()),
+            **(_arrays("trained", trained.get_weights()) if trained is not model else {}),
+            **_arrays("opt", [v.numpy() for v in optimizer.variables]),
+            "state": np.array(json.dumps(state)),
+        })
+        self._write_history(state["history"])
 
     def _write_history(self, rows: list[dict]) -> None:
         buf = io.StringIO()

@@ -223,39 +223,44 @@ def test_mfcc_equals_librosa_feature_mfcc(shared_data, config):
 def test_stream_context_windows_follow_the_energy(shared_data):
     """Words cut as a sliding detector sees them: beside a neighbour, at a random offset. The label
     follows where the energy falls: the command, the neighbour command, or unknown for fragments."""
-    from data_prep.augment import in_stream_context
+    from data_prep.augment import stream_context
 
     # labels: 0 _silence_, 1 _unknown_, 2 yes, 3 no
-    clips = [sorted((shared_data / w).glob("*.flac"))[k] for w, k in (("yes", 0), ("no", 0), ("bed", 0), ("yes", 5))]
-    waves = np.stack([fix_length(load_audio(p), 16000) for p in clips])
-    labels = np.array([2, 3, 1, 2])
     is_command = np.array([False, False, True, True])
+    clip = {w: fix_length(load_audio(sorted((shared_data / w).glob("*.flac"))[0]), 16000) for w in ("yes", "no", "bed")}
+    pairs = {"yes beside bed": (clip["yes"], clip["bed"], 2, 1), "yes beside no": (clip["yes"], clip["no"], 2, 3),
+             "bed beside no": (clip["bed"], clip["no"], 1, 3)}
     seen = {}
-    for seed in range(150):
-        out, new = in_stream_context(waves, labels, np.arange(4), np.random.default_rng(seed), 1.0, is_command, 1)
-        assert out.shape == waves.shape and np.all(np.abs(out) <= 1.0)
-        for row in range(4):
-            seen.setdefault(row, set()).add(int(new[row]))
-    again = in_stream_context(waves, labels, np.arange(4), np.random.default_rng(7), 1.0, is_command, 1)
-    first = in_stream_context(waves, labels, np.arange(4), np.random.default_rng(7), 1.0, is_command, 1)
+    for name, (a, b, la, lb) in pairs.items():
+        for seed in range(60):
+            window, label = stream_context(a, b, la, lb, np.random.default_rng(seed), is_command, 1)
+            assert window.shape == (16000,) and np.all(np.abs(window) <= 1.0)
+            assert np.abs(window).max() > 0.01  # speech inside (at least 100 ms of the word's)
+            seen.setdefault(name, set()).add(label)
+    again = stream_context(*pairs["yes beside no"][:4], np.random.default_rng(7), is_command, 1)
+    first = stream_context(*pairs["yes beside no"][:4], np.random.default_rng(7), is_command, 1)
     np.testing.assert_array_equal(again[0], first[0])
     # a command keeps its label when most of it is inside, and becomes unknown when only a fragment is;
     # a neighbouring command can take the window; a window always holds speech, so never silence
-    assert {2, 1} <= seen[0] and 0 not in seen[0]
-    assert {3, 1} <= seen[1] and seen[1] <= {1, 2, 3}
-    assert seen[2] <= {1, 2, 3} and 1 in seen[2]  # the unknown word: unknown unless a command takes over
-    assert labels.tolist() == [2, 3, 1, 2]  # inputs untouched
-    none = in_stream_context(waves, labels, np.arange(4), np.random.default_rng(0), 0.0, is_command, 1)
-    np.testing.assert_array_equal(none[0], waves)
+    assert seen["yes beside bed"] == {1, 2}
+    assert {2, 3} <= seen["yes beside no"] <= {1, 2, 3}
+    assert {1, 3} <= seen["bed beside no"] <= {1, 3}
+    assert clip["yes"].shape == (16000,)  # inputs untouched
 
 
 def test_negative_windows_are_cut_from_the_recordings():
-    from speechrnn.train import cut_windows
+    from speechrnn.train import cut_window
 
     rng = np.random.default_rng(0)
     recordings = [rng.standard_normal(40000).astype(np.float32), rng.standard_normal(9000).astype(np.float32)]
-    windows, real = cut_windows(recordings, [True, False], 50, 16000, np.random.default_rng(3))
-    assert windows.shape == (50, 16000)
+
+    def cut_windows(seed):
+        gen = np.random.default_rng(seed)
+        cuts = [cut_window(recordings, [True, False], 16000, gen) for _ in range(50)]
+        return np.stack([w for w, _ in cuts]), [r for _, r in cuts]
+
+    windows, real = cut_windows(3)
+    assert windows.shape == (50, 16000) and set(real) == {True, False}
     for w, is_real in zip(windows, real, strict=True):
         if is_real:  # a slice of the long recording
             starts = np.flatnonzero(recordings[0][:24001] == w[0])
@@ -263,8 +268,10 @@ def test_negative_windows_are_cut_from_the_recordings():
         else:  # the short one, zero-padded
             np.testing.assert_array_equal(w[:9000], recordings[1])
             assert not w[9000:].any()
-    again, _ = cut_windows(recordings, [True, False], 50, 16000, np.random.default_rng(3))
-    np.testing.assert_array_equal(again, windows)
+    np.testing.assert_array_equal(cut_windows(3)[0], windows)
+    int16 = [np.round(r.clip(-1, 1) * 32767).astype(np.int16) for r in recordings]  # as training keeps them
+    window, _ = cut_window(int16, [True, False], 16000, np.random.default_rng(5))
+    assert window.dtype == np.float32 and np.abs(window).max() <= 1.0
 
 
 def yes_clip(shared_data) -> np.ndarray:

@@ -124,19 +124,26 @@ def test_gradient_reversal_flips_and_scales_the_gradient():
 
 
 def test_domain_adversarial_training_resumes_and_exports_without_its_head(tmp_path, shared_data):
-    """Real and espeak-ng speech with a real-vs-synthetic head: the head trains (its accuracy is
-    logged), a resumed run carries it on, and the export is the plain classifier."""
-    from data_prep.synth import synthesize_dataset
+    """Real and espeak-ng speech with a real-vs-synthetic head, stream-context windows and running
+    speech as negatives: the head trains (its accuracy is logged), a resumed run carries it on,
+    and the export is the plain classifier."""
+    from data_prep.sentences import no_command_sentences
+    from data_prep.synth import synthesize_dataset, synthesize_sentences
 
-    synth = tmp_path / "synth"
+    synth, talk = tmp_path / "synth", tmp_path / "talk"
     synthesize_dataset(synth, ["yes", "no", "marvin", "tree"], 12, seed=1, show_progress=False)
+    synthesize_sentences(talk, no_command_sentences(4, 1), "espeak", seed=1, show_progress=False)
     run, export = tmp_path / "run", tmp_path / "export"
-    args = ["--data", str(shared_data), "--train-only", str(synth), "--words", "yes,no", "--units", "16",
-            "--layers", "1", "--max-per-label", "40", "--batch-size", "16", "--seed", "2",
-            "--domain-adversarial", "0.5", "--train-only-unknown", "all", "--out", str(run)]
+    recipe = tmp_path / "recipe.json"  # and words cut as a sliding window meets them, running speech as negatives
+    recipe.write_text(json.dumps({"augment": {"context_probability": 0.5}}))
+    args = ["--config", str(recipe), "--data", str(shared_data), "--train-only", str(synth), "--words", "yes,no",
+            "--units", "16", "--layers", "1", "--max-per-label", "40", "--batch-size", "16", "--seed", "2",
+            "--domain-adversarial", "0.5", "--train-only-unknown", "all", "--negatives", str(talk),
+            "--negatives-fraction", "0.25", "--out", str(run)]
     first = run_cli("train", *args, "--epochs", "2", env={"SPEECHRNN_CACHE": str(tmp_path / "cache")})
     assert first.returncode == 0, first.stderr[-2000:]
     assert "domain acc" in first.stderr and "(reversal 0.00)" in first.stderr
+    assert "windows of 4 negatives recordings" in first.stderr
     resumed = run_cli("train", "--out", str(run), "--resume", "--epochs", "3", "--export", str(export),
                       env={"SPEECHRNN_CACHE": str(tmp_path / "cache")})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -148,6 +155,7 @@ def test_domain_adversarial_training_resumes_and_exports_without_its_head(tmp_pa
     # all 24 synthetic unknown clips (marvin, tree) train, beside the real ones sampled as before
     config = json.loads((run / "config.json").read_text())
     assert config["train_only_unknown"] == "all" and config["domain_adversarial"] == 0.5
+    assert config["augment"]["context_probability"] == 0.5 and config["negatives"] == [str(talk)]
     with np.load(run / "checkpoints" / "last.npz") as ck:
         assert int(ck["trained_count"]) > int(ck["model_count"])  # the head's weights are kept for resume
     check = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
