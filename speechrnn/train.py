@@ -628,7 +628,8 @@ class Trainer:
         """Train to the end (or early stop) and return the summary. Raises SpeechRNNError for
         anything the user can fix, including a worker lost mid-run (then every worker must be
         started again with --resume)."""
-        check_words_have_clips(self.config)  # before TensorFlow loads and the run folder is made
+        if self.config is not None:  # a resumed non-chief worker gets its config from the chief
+            check_words_have_clips(self.config)  # before TensorFlow loads and the run folder is made
         tf = import_tf()
         if self.cluster is not None:
             self.report(f"{self.cluster.task} of {len(self.cluster.workers)} workers ({self.cluster.address}): "
