@@ -33,8 +33,8 @@ class TrainConfig:
     balance: float = 0.25  # oversample each label's real clips to this fraction of the median real label count
     max_per_label: int = 0  # cap training examples per label (0: all); for quick tests
     seed: int = 0
-    # How a --train-only folder's words outside the task train: "sampled" (unknown_fraction of its
-    # task words, as for --data) or "all" (every clip, e.g. a synthesised vocabulary of unknown words).
+    # How the --train-only folders' words outside the task train: "sampled" (the folders pooled, and
+    # unknown_fraction x their task-word clips drawn, as for --data) or "all" (every clip).
     train_only_unknown: str = "sampled"
     # Domain-adversarial training (Ganin and Lempitsky, 2015): a second head learns to tell real
     # (--data) from synthetic (--train-only) speech on the pooled features, and the features are

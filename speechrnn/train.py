@@ -83,11 +83,11 @@ class TrainingData:
         real = SpeechCommands.union([SpeechCommands.open(folder) for folder in config.data])
         train, val = real.examples(task, "training"), real.examples(task, "validation")
         noise_files += real.noise_files
-        for folder in config.train_only:
-            ds = SpeechCommands.open(folder)
+        if config.train_only:  # pooled too: a folder of synthetic unknown words joins the others' commands
+            synthetic = SpeechCommands.union([SpeechCommands.open(folder) for folder in config.train_only])
             for split in (*SPLITS, HOLDOUT):  # every clip of a train-only folder trains
-                extra += ds.examples(task, split, all_unknown=config.train_only_unknown == "all")
-            noise_files += ds.noise_files
+                extra += synthetic.examples(task, split, all_unknown=config.train_only_unknown == "all")
+            noise_files += synthetic.noise_files
         if config.max_per_label:
             train = _cap_per_label(train, config.max_per_label, config.seed)
             extra = _cap_per_label(extra, config.max_per_label, config.seed + 2)

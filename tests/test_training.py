@@ -208,3 +208,32 @@ def test_a_word_without_training_clips_is_refused_before_training(tmp_path, shar
         f"error: {shared_data}: no training clips of 'noo' (did you mean 'no'?); every word of --words needs clips "
         "in its own <word>/ folder"]
     assert not (tmp_path / "run").exists()  # nothing written: the same command works once the typo is fixed
+
+
+def test_synthetic_unknown_words_are_pooled_and_sampled_like_real_ones(tmp_path, shared_data):
+    """A folder of synthetic unknown words beside a folder of synthetic commands: "sampled" draws
+    unknown_fraction x the pooled commands from it (per-folder sampling would draw none), "all" takes every one."""
+    from data_prep.dataset import TaskConfig
+    from data_prep.synth import synthesize_dataset
+    from speechrnn.runconfig import TrainConfig
+    from speechrnn.train import TrainingData
+
+    data = tmp_path / "data"
+    for word in ("yes", "no", "bed"):
+        (data / word).mkdir(parents=True)
+        for src in sorted((shared_data / word).iterdir())[:30]:
+            (data / word / src.name).symlink_to(src)
+    commands, vocabulary = tmp_path / "commands", tmp_path / "vocabulary"
+    synthesize_dataset(commands, ["yes", "no"], 20, seed=1, show_progress=False)
+    synthesize_dataset(vocabulary, ["marvin", "tree", "cup"], 20, seed=2, show_progress=False)
+    counts = {}
+    for mode in ("sampled", "all"):
+        config = TrainConfig(data=[str(data)], train_only=[str(commands), str(vocabulary)], seed=1,
+                             task=TaskConfig(("yes", "no"), unknown_fraction=0.5), train_only_unknown=mode)
+        training = TrainingData(config, show_progress=False, cache_dir=tmp_path / "cache")
+        synthetic = ~training.train_is_real
+        unknown = np.array([ex.label == "_unknown_" for ex in training.train_examples])
+        counts[mode] = int(np.sum(synthetic & unknown))
+        assert int(np.sum(synthetic & ~unknown & (training.train_labels > 1))) == 40  # every synthetic command
+    # half of the 40 pooled commands (each of the four splits rounds up); every one of the 60
+    assert 20 <= counts["sampled"] <= 24 and counts["all"] == 60
