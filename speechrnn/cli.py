@@ -484,6 +484,7 @@ def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, sm
     """
     import dataclasses
 
+    from speechrnn.export_format import default_model_dir, read_metadata
     from speechrnn.microphone import (
         ListenStats,
         check_input_device,
@@ -493,7 +494,7 @@ def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, sm
         run_listener,
         status_line,
     )
-    from speechrnn.recognizer import Recognizer, default_model_dir, read_metadata
+    from speechrnn.recognizer import Recognizer
     from speechrnn.streaming import StreamConfig
 
     threshold, label_thresholds = thresholds

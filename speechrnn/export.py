@@ -17,18 +17,16 @@ so a one-shot load reads a graph a quarter the size):
   mfcc(mfcc: float32 [batch, frames, coefficients]) -> the same outputs, for one window each.
 Assets (plain files): assets/labels.txt and assets/speechrnn.json (FeatureConfig, task, model
 config, training summary, validation metrics, the sha256 of both graphs), written before the
-folder is renamed into place. check_export_graph holds a folder's graphs to its metadata.
+folder is renamed into place. speechrnn.export_format holds the format and the checks of a folder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +35,19 @@ from data_prep.dataset import SILENCE
 from data_prep.errors import SpeechRNNError
 from data_prep.features import DB_PER_OCTAVE, LOG_FLOOR, FeatureConfig, mfcc_constants
 from speechrnn import __version__
+from speechrnn.export_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH_FILES,
+    META_FILE,
+    WINDOW_HOP_S,
+    XLA_DIR,
+    file_sha256,
+    is_export,
+)
 from speechrnn.tfutil import import_tf
 
 log = logging.getLogger(__name__)
-FORMAT = "speechrnn-export"
-# 2: serving_default scores any length in windows (1 scored the first second only), and the
-# metadata holds the sha256 of both graphs.
-FORMAT_VERSION = 2
-META_FILE = "speechrnn.json"
-XLA_DIR = "xla"  # a second SavedModel inside the export: the XLA-compiled signatures
-GRAPH_FILES = ("saved_model.pb", f"{XLA_DIR}/saved_model.pb")
-WINDOW_HOP_S = 0.1  # a recording longer than a clip is scored in clip-long windows this far apart
 
 
 def tf_mfcc(tf, waveform, config: FeatureConfig, constants: dict):
@@ -145,138 +145,6 @@ def build_export_module(model, labels: list[str], config: FeatureConfig, xla: bo
     return SpeechRNNModule()
 
 
-# -- what a folder's graphs must be to go with its metadata ---------------------------------------
-
-@lru_cache(maxsize=1)
-def _signature_reader():
-    """A parser for the part of TensorFlow's SavedModel protobuf that holds the signatures.
-
-    Built from a partial schema (field numbers of tensorflow/core/protobuf/saved_model.proto,
-    meta_graph.proto and tensor_shape.proto; every other field is skipped), so checking a folder
-    needs neither TensorFlow nor its start-up time (`speechrnn info` stays instant).
-    """
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    field = descriptor_pb2.FieldDescriptorProto
-    optional, repeated = field.LABEL_OPTIONAL, field.LABEL_REPEATED
-
-    def message(name, *fields, nested=()):
-        out = descriptor_pb2.DescriptorProto(name=name)
-        for fname, number, ftype, label, type_name in fields:
-            f = out.field.add(name=fname, number=number, type=ftype, label=label)
-            if type_name:
-                f.type_name = type_name
-        out.nested_type.extend(nested)
-        return out
-
-    def entry(value_type):  # a protobuf map<string, V> is, on the wire, a repeated {key = 1, value = 2}
-        return message("Entry", ("key", 1, field.TYPE_STRING, optional, None),
-                       ("value", 2, field.TYPE_MESSAGE, optional, value_type))
-
-    schema = descriptor_pb2.FileDescriptorProto(name="speechrnn_saved_model_signatures.proto",
-                                                package="speechrnn_sigs", syntax="proto3")
-    schema.message_type.extend([
-        message("Dim", ("size", 1, field.TYPE_INT64, optional, None)),
-        message("Shape", ("dim", 2, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.Dim"),
-                ("unknown_rank", 3, field.TYPE_BOOL, optional, None)),
-        message("TensorInfo", ("dtype", 2, field.TYPE_INT32, optional, None),
-                ("tensor_shape", 3, field.TYPE_MESSAGE, optional, ".speechrnn_sigs.Shape")),
-        message("SignatureDef", ("inputs", 1, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.SignatureDef.Entry"),
-                ("outputs", 2, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.SignatureDef.Entry"),
-                nested=[entry(".speechrnn_sigs.TensorInfo")]),
-        message("MetaGraphDef", ("signature_def", 5, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.MetaGraphDef.Entry"),
-                nested=[entry(".speechrnn_sigs.SignatureDef")]),
-        message("SavedModel", ("meta_graphs", 2, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.MetaGraphDef")),
-    ])
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(schema)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("speechrnn_sigs.SavedModel"))
-
-
-DTYPES = {1: "float32", 3: "int32", 7: "string", 9: "int64"}  # tensorflow/core/framework/types.proto
-
-
-def saved_model_signatures(data: bytes) -> dict[str, dict[str, dict[str, tuple[str, list[int] | None]]]]:
-    """The signatures of a saved_model.pb: {name: {"inputs"|"outputs": {key: (dtype, shape)}}}.
-
-    A shape lists its dimensions (-1 for any size), None when even the rank is unknown. Raises
-    ValueError when the bytes are not a SavedModel protobuf.
-    """
-    from google.protobuf.message import DecodeError
-
-    try:
-        saved = _signature_reader().FromString(data)
-    except DecodeError as exc:
-        raise ValueError(f"not a SavedModel protobuf ({exc})") from None
-
-    def tensors(entries):
-        return {e.key: (DTYPES.get(e.value.dtype, f"dtype {e.value.dtype}"),
-                        None if e.value.tensor_shape.unknown_rank else [d.size for d in e.value.tensor_shape.dim])
-                for e in entries}
-
-    return {sig.key: {"inputs": tensors(sig.value.inputs), "outputs": tensors(sig.value.outputs)}
-            for graph in saved.meta_graphs for sig in graph.signature_def}
-
-
-def expected_signatures(meta: dict) -> dict[str, dict]:
-    """What each graph of an export with this metadata provides: {graph file: {signature: (input, shape)}}."""
-    features = FeatureConfig.from_dict(meta["features"])
-    waveform, mfcc = ("waveform", [-1, -1]), ("mfcc", [-1, *features.shape])
-    return {GRAPH_FILES[0]: {"serving_default": waveform, "mfcc": mfcc},
-            GRAPH_FILES[1]: {"waveform_xla": waveform, "mfcc_xla": mfcc}}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_export_graph(model_dir: str | os.PathLike, meta: dict) -> None:
-    """Raise the project error unless the folder's graphs are the ones its metadata describes.
-
-    Another TensorFlow model saved over an export keeps the old assets/ (and xla/): its metadata
-    would then describe a model that is no longer there. Every export's signatures are checked
-    against the metadata (names, inputs, the number of labels); an export that recorded the sha256
-    of its graphs (format 2) must still have exactly those graphs.
-    """
-    model_dir = Path(model_dir)
-    fix = f"the folder holds another model than assets/{META_FILE} describes; export the run again"
-    recorded = meta.get("graph_sha256", {})
-    for name, wanted in expected_signatures(meta).items():
-        path = model_dir / name
-        if not path.is_file():
-            raise SpeechRNNError(f"damaged export: no {name}; export the run again", model_dir)
-        if name in recorded and file_sha256(path) != recorded[name]:
-            raise SpeechRNNError(f"{name} is not the graph this export was written with: {fix}", model_dir)
-        try:
-            found = saved_model_signatures(path.read_bytes())
-        except ValueError as exc:
-            raise SpeechRNNError(f"damaged export: {name} is {exc}", model_dir) from None
-        for signature, (arg, shape) in wanted.items():
-            if signature not in found:
-                raise SpeechRNNError(f"{name} has no {signature!r} signature (it has: {', '.join(sorted(found)) or 'none'}): "
-                                     f"{fix}", model_dir)
-            inputs, outputs = found[signature]["inputs"], found[signature]["outputs"]
-            if inputs != {arg: ("float32", shape)}:
-                raise SpeechRNNError(f"{name}: signature {signature!r} takes {_describe(inputs)}, not {arg} float32 "
-                                     f"{shape}: {fix}", model_dir)
-            probs = outputs.get("probabilities")
-            if probs is None or probs[1] is None or probs[1][-1:] != [len(meta["labels"])]:
-                raise SpeechRNNError(f"{name}: signature {signature!r} gives {_describe(outputs)}, not probabilities "
-                                     f"of the {len(meta['labels'])} labels: {fix}", model_dir)
-
-
-def _describe(tensors: dict) -> str:
-    return ", ".join(f"{k} {dtype} {shape}" for k, (dtype, shape) in sorted(tensors.items())) or "nothing"
-
-
-def _is_export(path: Path) -> bool:
-    return (path / "saved_model.pb").exists() and (path / "assets" / META_FILE).exists()
-
-
 def write_export(model, labels: list[str], config: FeatureConfig, out: str | os.PathLike, metadata: dict) -> Path:
     """Save atomically: a temp sibling folder is filled, then renamed to ``out``.
 
@@ -286,7 +154,7 @@ def write_export(model, labels: list[str], config: FeatureConfig, out: str | os.
     """
     tf = import_tf()
     out = Path(out)
-    if out.exists() and not (out.is_dir() and (_is_export(out) or not any(out.iterdir()))):
+    if out.exists() and not (out.is_dir() and (is_export(out) or not any(out.iterdir()))):
         raise SpeechRNNError("exists and is not a speechrnn export; choose another output folder", out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed export

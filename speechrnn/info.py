@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from speechrnn.recognizer import default_model_dir, read_metadata
+from speechrnn.export_format import default_model_dir, read_metadata
 
 
 def model_size_bytes(model_dir: Path) -> int:

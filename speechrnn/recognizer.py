@@ -9,7 +9,6 @@ scored in fixed-size batches shared between files, so memory does not grow with 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,40 +20,12 @@ from data_prep.audio import stream_audio
 from data_prep.dataset import SILENCE
 from data_prep.errors import SpeechRNNError
 from data_prep.features import FeatureConfig
-from speechrnn.export import FORMAT, META_FILE, WINDOW_HOP_S, XLA_DIR, check_export_graph
+from speechrnn.export_format import WINDOW_HOP_S, XLA_DIR, default_model_dir, read_metadata
 from speechrnn.tfutil import import_tf
 
 BATCH = 64
 # Progress of one file: progress(path, seconds decoded and scored so far, the file's length in seconds).
 Progress = Callable[[str, float, float], None]
-
-
-def default_model_dir() -> Path:
-    """``models/default`` in the current folder, else the one shipped beside the package."""
-    local = Path("models/default")
-    if (local / "assets" / META_FILE).exists():
-        return local
-    return Path(__file__).resolve().parent.parent / "models" / "default"
-
-
-def read_metadata(model_dir: str | os.PathLike) -> dict:
-    """An export's metadata (assets/speechrnn.json), once its graphs are checked to be the ones it
-    describes (speechrnn.export.check_export_graph; no TensorFlow needed). Raises SpeechRNNError."""
-    model_dir = Path(model_dir)
-    meta_path = model_dir / "assets" / META_FILE
-    if not model_dir.exists():
-        raise SpeechRNNError("no such model folder", model_dir)
-    if not (model_dir / "saved_model.pb").exists() or not meta_path.exists():
-        raise SpeechRNNError(f"not a speechrnn export (no saved_model.pb or assets/{META_FILE}); "
-                             "make one with `speechrnn export RUN_DIR OUT`", model_dir)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as exc:
-        raise SpeechRNNError(f"damaged model metadata ({exc})", meta_path) from None
-    if meta.get("format") != FORMAT:
-        raise SpeechRNNError("not a speechrnn export (unknown metadata format)", model_dir)
-    check_export_graph(model_dir, meta)
-    return meta
 
 
 @dataclass
