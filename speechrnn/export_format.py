@@ -28,8 +28,8 @@ from data_prep.features import FeatureConfig
 
 FORMAT = "speechrnn-export"
 # 2: serving_default scores any length in windows (1 scored the first second only), and the
-# metadata holds the sha256 of both graphs.
-FORMAT_VERSION = 2
+# metadata holds the sha256 of both graphs. 3: LiteRT models in litert/.
+FORMAT_VERSION = 3
 META_FILE = "speechrnn.json"
 XLA_DIR = "xla"  # a second SavedModel inside the export: the XLA-compiled signatures
 GRAPH_FILES = ("saved_model.pb", f"{XLA_DIR}/saved_model.pb")
