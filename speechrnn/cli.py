@@ -334,17 +334,22 @@ def _parse_thresholds(ctx, param, values: tuple[str, ...]) -> tuple[float | None
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--threshold", "thresholds", multiple=True, callback=_parse_thresholds, metavar="LABEL=T",
               help="A command's own threshold for `listen`, kept in the export (repeatable).")
+@click.option("--int8", type=click.Choice(["dynamic", "calibrated"]), default="dynamic", show_default=True,
+              help="The int8 LiteRT model: int8 weights (dynamic), or weights and activations calibrated on real "
+                   "training clips (calibrated; less faithful, see README).")
 @_report_errors
-def export(run_dirs: tuple[str, ...], out: str, checkpoint: str, thresholds) -> None:
-    """Export RUN_DIR's best checkpoint as a SavedModel in OUT (atomically).
+def export(run_dirs: tuple[str, ...], out: str, checkpoint: str, thresholds, int8: str) -> None:
+    """Export RUN_DIR's best checkpoint as a SavedModel and LiteRT models in OUT (atomically).
 
     Several run folders (same task and data) make one model that averages their probabilities.
+    Needs only the run folders (their data folders only for runs trained before they recorded
+    their validation results).
     """
     from speechrnn.export import export_runs
 
     if thresholds[0] is not None:
         raise click.BadParameter("give LABEL=T: the overall threshold is listen's", param_hint="--threshold")
-    path = export_runs(list(run_dirs), out, checkpoint, label_thresholds=thresholds[1])
+    path = export_runs(list(run_dirs), out, checkpoint, label_thresholds=thresholds[1], int8=int8)
     what = run_dirs[0] if len(run_dirs) == 1 else f"the mean of {', '.join(run_dirs)}"
     click.echo(f"exported {what} ({checkpoint} checkpoint) to {path}")
     sys.exit(_status())  # 1 when validation clips for its metrics could not be read

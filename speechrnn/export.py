@@ -273,12 +273,13 @@ def recorded_export_data(run_dir: Path, checkpoint: str) -> dict | None:
     return {**record, "probabilities": probabilities}
 
 
-def export_data(run_dirs: list[Path], checkpoint: str, model, labels: list[str]) -> tuple[dict, np.ndarray, np.ndarray, str]:
+def export_data(run_dirs: list[Path], checkpoint: str, model, labels: list[str],
+                calibrate: bool = True) -> tuple[dict, np.ndarray, np.ndarray | None, str]:
     """(metrics, MFCC of unseen clips to check the LiteRT models on, MFCC of real training clips to
-    calibrate int8 on, where they came from): from the runs' records when every run has one (an
-    ensemble's metrics from the mean of its members' recorded probabilities); otherwise computed from
-    the first run's data folders as before runs kept a record (which needs those folders), with a
-    warning saying so."""
+    calibrate int8 on (when ``calibrate``), where they came from): from the runs' records when every
+    run has one (an ensemble's metrics from the mean of its members' recorded probabilities);
+    otherwise computed from the first run's data folders as before runs kept a record (which needs
+    those folders), with a warning saying so."""
     from speechrnn.evaluate import checkpoint_metrics
 
     records = [recorded_export_data(r, checkpoint) for r in run_dirs]
@@ -291,10 +292,11 @@ def export_data(run_dirs: list[Path], checkpoint: str, model, labels: list[str])
                 "recorded by training")
     why = (f"{missing[0]} has no record of its validation results (trained before runs kept one)" if missing
            else "the runs recorded their results on different clips")
-    log.warning("%s: computing the metrics and the int8 calibration from the data folders", why)
+    log.warning("%s: computing the metrics from the data folders", why)
     metrics, unseen = metrics_from_data(model, run_dirs[0], labels)
     check = unseen[_spread(len(unseen))]
-    return metrics, check, calibration_from_data(run_dirs[0]), "computed at export from the data folders"
+    return (metrics, check, calibration_from_data(run_dirs[0]) if calibrate else None,
+            "computed at export from the data folders")
 
 
 def _spread(n: int, count: int = 256) -> np.ndarray:  # as speechrnn.train.CHECK_CLIPS
@@ -358,8 +360,10 @@ def _check_members(run_dirs: list[Path], configs: list) -> None:
 
 
 def export_runs(run_dirs: list, out: str | os.PathLike, checkpoint: str = "best",
-                label_thresholds: dict[str, float] | None = None) -> Path:
+                label_thresholds: dict[str, float] | None = None, int8: str = "dynamic") -> Path:
     """Export one run, or several as one model that averages their probabilities (an ensemble).
+
+    ``int8``: how its int8 LiteRT model is quantised (speechrnn.litert_export.convert).
 
     Runs trained on the same data with different augmentation make partly different mistakes; what
     the mean of two did on the streaming benchmark is in README ("The default model").
@@ -391,9 +395,9 @@ def export_runs(run_dirs: list, out: str | os.PathLike, checkpoint: str = "best"
         training = {"members": trained, "runs": [str(r) for r in run_dirs]}
     from speechrnn.litert_export import litert_models
 
-    metrics, check, calibration, source = export_data(run_dirs, checkpoint, model, labels)
+    metrics, check, calibration, source = export_data(run_dirs, checkpoint, model, labels, int8 == "calibrated")
     litert = litert_models([m for _, m in members], [c.model for c, _ in members], config.features.shape, model,
-                           check, calibration)
+                           check, calibration, int8)
     metadata = {
         "task": config.task.to_dict(),
         "model": model_meta,

@@ -1,25 +1,25 @@
 """LiteRT (TFLite) models of an export, from the same weights as its SavedModel.
 
-The trained Keras model runs its recurrences in a ``tf.while_loop``: converted as it is, it needs
-TensorFlow's TensorList ops (Flex, i.e. TensorFlow itself at run time) for a dynamic batch, and
-even at batch 1 a WHILE loop that runs a batch-1 clip in ~4 ms. So the network is written out
-again here, for inference only, as a plain graph of builtin ops:
+The trained Keras model runs its recurrences in a ``tf.while_loop``: converted as it is, a dynamic
+batch needs TensorFlow's TensorList ops (Flex: TensorFlow itself at run time), and a batch of 1
+gives a WHILE loop of builtin ops that ran a clip in 3.8 ms here. So the network is written out
+again, for inference only, as a plain graph of builtin ops (2.8 ms here, and it batches):
 
-- the recurrences are unrolled over the fixed number of MFCC frames (98 for 1 s);
-- every input projection of a layer (both directions, all frames) is one matrix product before
-  the loop; both directions of a bidirectional layer advance together, one step per frame, with
-  block-diagonal recurrent matrices, so a step costs ~11 small ops whatever the direction count;
+- each recurrence is unrolled over the fixed number of MFCC frames (98 for 1 s), one direction
+  at a time; a layer's input projection for every frame is one matrix product before the steps,
+  so a step is its recurrent products and ~9 elementwise ops;
 - layers that act only while training (SpecAugment, dropout, the domain head) are left out;
-  Normalization, UtteranceNorm, attention/mean/last pooling and the softmax are as in Keras.
+  Normalization, UtteranceNorm, attention/mean/last pooling and the softmax are as in Keras;
+- the batch dimension stays free (the interpreter resizes it: 1 for listening, 64 for files).
 
-The batch dimension stays free (the interpreter resizes it: 1 for listening, 64 for files).
-``check_parity`` holds the result to the Keras model (write_litert refuses a model that differs);
-tests hold it to the SavedModel within 1e-4 on real clips. Ensembles are written the same way,
-each member's graph side by side and their probabilities averaged.
+litert_models holds the float32 model to the Keras model on real clips at export (no export with
+a model that differs); tests hold it to the SavedModel within 1e-4. An ensemble is written the
+same way, its members' graphs side by side and their probabilities averaged.
 
-int8: full-integer post-training quantisation (weights and activations; float32 in and out),
-calibrated on MFCC of real training clips. Written only when its top-1 answer agrees with the
-float model's on at least INT8_MIN_AGREEMENT of the real validation clips it is checked on.
+int8: post-training quantisation (float32 in and out), by default of the weights with activations
+quantised per call ("dynamic"); "calibrated" quantises the activations too, with ranges from real
+training clips (see convert for what each measured). Kept only when its top-1 answer agrees with
+the float model's on at least INT8_MIN_AGREEMENT of the real unseen clips it is checked on.
 """
 
 from __future__ import annotations
@@ -175,21 +175,41 @@ def inference_function(members: list[Member], shape: tuple[int, int]):
     return probabilities
 
 
-def convert(function, calibration: np.ndarray | None = None) -> bytes:
-    """The LiteRT flatbuffer of ``function`` with builtin ops only: float32, or int8 calibrated on
-    ``calibration`` (MFCC [n, frames, coefficients] of real clips).
+INT8_KINDS = ("dynamic", "calibrated")
+QUANTIZATION = {
+    "dynamic": "dynamic range: int8 weights; activations quantised on the fly for each call (float32 in and out)",
+    "calibrated": "full integer: int8 weights and activations with ranges calibrated on real training clips, the input "
+                  "normalisation in float32 (float32 in and out)",
+}
 
-    int8: weights and activations, float32 in and out, except the per-coefficient normalisation at
-    the input, kept in float32: quantising raw MFCC (about -700 to +250 for c0, tens for the
-    others) to 256 levels of one scale blurs every coefficient but c0, and cost the shipped model
-    1.5 points of top-1 agreement with the float model (98.2% against 99.8% on 600 real clips).
+
+def convert(function, int8: str | None = None, calibration: np.ndarray | None = None) -> bytes:
+    """The LiteRT flatbuffer of ``function`` with builtin ops only: float32 (``int8`` None), or
+    int8-quantised after training (INT8_KINDS):
+
+    "dynamic": int8 weights, activations quantised per call from their actual range. On the
+      shipped model's weights: the float32 model's top-1 label on 1,000 of 1,000 real unseen clips
+      (largest probability difference 0.023), batch-1 0.72 ms against float32's 2.7 ms.
+    "calibrated": int8 weights and activations, their ranges calibrated on ``calibration`` (MFCC
+      [n, frames, coefficients] of real training clips), the per-coefficient input normalisation
+      kept in float32 (quantising raw MFCC, about -700 to +250 for c0 and tens for the others, to
+      256 levels of one scale blurred all but c0: 98.2% agreement instead of 99.4%). Batch-1
+      0.65 ms, but the 98 quantised recurrent steps flip near ties: 99.4% agreement on those 1,000
+      clips, 98.5% on 400 others, so it is not the default.
     """
     tf = import_tf()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()])
-    if calibration is None:
+    if int8 is None:
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         with silenced_stderr():  # the converter's own progress lines and warnings
             return converter.convert()
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if int8 == "dynamic":
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        with silenced_stderr():
+            return converter.convert()
+    if int8 != "calibrated" or calibration is None or not len(calibration):
+        raise ValueError(f"int8 must be one of {INT8_KINDS}, calibrated with clips")
 
     def representative():
         for clip in calibration:
@@ -201,7 +221,6 @@ def convert(function, calibration: np.ndarray | None = None) -> bytes:
         float_model = Interpreter(model_content=convert(function))
     names = [float_model._get_tensor_details(i, 0)["name"] for op in float_model._get_ops_details() for i in op["outputs"]]
     keep_float = [name for name in names if any(part.endswith(NORMALISE) for part in name.replace(";", "/").split("/"))]
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     with silenced_stderr():
@@ -212,15 +231,16 @@ def convert(function, calibration: np.ndarray | None = None) -> bytes:
 
 
 def litert_models(models: list, configs: list[ModelConfig], shape: tuple[int, int], reference,
-                  check: np.ndarray, calibration: np.ndarray | None) -> tuple[dict[str, bytes], dict]:
+                  check: np.ndarray, calibration: np.ndarray | None = None,
+                  int8: str = "dynamic") -> tuple[dict[str, bytes], dict]:
     """The LiteRT models of trained Keras ``models`` (several: their mean), and what to record of them.
 
     ``reference``: the Keras model whose answers they must give (the ensemble model for several);
     ``check``: MFCC [n, frames, coefficients] of real clips the run kept out of training, on which
     the float32 model must give the reference's probabilities within FLOAT_TOLERANCE (else
     SpeechRNNError: the export is not written) and the int8 model the float32 model's top-1 label on
-    INT8_MIN_AGREEMENT of them (else it is left out, and the metadata says why); ``calibration``: MFCC
-    of real training clips for the int8 ranges (None or empty: no int8 model).
+    INT8_MIN_AGREEMENT of them (else it is left out, and the metadata says why); ``int8``: which
+    quantisation (convert), "calibrated" on ``calibration`` (MFCC of real training clips).
     Returns ({"float32": bytes, "int8": bytes (when kept)}, metadata under "litert").
     """
     from speechrnn.litert_model import LiteRTModel
@@ -236,24 +256,26 @@ def litert_models(models: list, configs: list[ModelConfig], shape: tuple[int, in
                              f"{difference:.3g} on {len(check)} clips, allowed {FLOAT_TOLERANCE:g}); please report this")
     meta = {"float32": {"input": ["batch", *shape], "output": ["batch", "labels"],
                         "max_abs_difference_from_keras": difference, "checked_on_clips": len(check)}}
-    if calibration is None or not len(calibration):
+    if int8 == "calibrated" and (calibration is None or not len(calibration)):
         meta["int8_skipped"] = "no real training clips to calibrate it on"
         return files, meta
     try:
-        quantized = convert(function, np.asarray(calibration, np.float32))
+        quantized = convert(function, int8, None if calibration is None else np.asarray(calibration, np.float32))
     except Exception as exc:  # noqa: BLE001 - the float32 model stands on its own; say why there is no int8 one
         meta["int8_skipped"] = f"its conversion failed ({type(exc).__name__}: {str(exc).strip()[:200]})"
         log.warning("no int8 LiteRT model: %s", meta["int8_skipped"])
         return files, meta
-    agreement = float(np.mean(LiteRTModel(quantized, "the LiteRT int8 model")(check).argmax(1) == got.argmax(1)))
+    answers = LiteRTModel(quantized, "the LiteRT int8 model")(check)
+    agreement = float(np.mean(answers.argmax(1) == got.argmax(1)))
     if agreement < INT8_MIN_AGREEMENT:
         meta["int8_skipped"] = (f"its top-1 label agreed with the float32 model's on {agreement:.1%} of {len(check)} "
                                 f"unseen real clips, below {INT8_MIN_AGREEMENT:.0%}")
         log.warning("no int8 LiteRT model: %s", meta["int8_skipped"])
         return files, meta
     files["int8"] = quantized
-    meta["int8"] = {"input": ["batch", *shape], "output": ["batch", "labels"], "quantization":
-                    "full integer (weights and activations int8; float32 in and out)",
-                    "calibration_clips": len(calibration), "top1_agreement_with_float32": agreement,
+    meta["int8"] = {"input": ["batch", *shape], "output": ["batch", "labels"], "quantization": QUANTIZATION[int8],
+                    **({"calibration_clips": len(calibration)} if int8 == "calibrated" else {}),
+                    "top1_agreement_with_float32": agreement,
+                    "max_abs_difference_from_float32": float(np.abs(answers - got).max()),
                     "checked_on_clips": len(check)}
     return files, meta

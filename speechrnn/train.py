@@ -8,7 +8,7 @@ curves.png, train.log, summary.json and export_data.npz.
 What export needs of the data is recorded here, so that exporting needs only the run folder:
 export_data.npz lists the clips the run kept out of training (the whole validation split and the
 held-out speakers of scarce words: "unseen") with their labels, and holds the MFCC of real training
-clips (int8 calibration) and of unseen clips (checks of the LiteRT models); each checkpoint holds
+clips (for `export --int8 calibrated`) and of unseen clips (checks of the LiteRT models); each checkpoint holds
 its probabilities on the unseen clips and the metrics they give (the metrics an export carries).
 
 Each epoch's data (order, oversampling, augmentation) and Keras' seeds are derived from
@@ -50,9 +50,9 @@ HISTORY_FIELDS = [
 ]
 REAL, SYNTHETIC, NO_DOMAIN = 0, 1, -1  # domain labels for domain-adversarial training
 EXPORT_DATA = "export_data.npz"
-# Real clips recorded for export: training clips to calibrate the int8 LiteRT model on (with 512 the
-# shipped model's int8 twin agreed with its float one on 99.8% of 600 unseen clips; with 256, 99.3%),
-# and unseen ones to check the LiteRT models on.
+# Real clips recorded for export: training clips to calibrate a fully int8 LiteRT model on (`export
+# --int8 calibrated`; with 512 the shipped model's agreed with its float one on 99.4-99.8% of unseen
+# clips, with 256 on 99.3%), and unseen ones to check the LiteRT models on.
 CALIBRATION_CLIPS, CHECK_CLIPS = 512, 256
 
 
