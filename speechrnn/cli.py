@@ -74,8 +74,8 @@ class _WarningFormatter(logging.Formatter):
 def main(verbose: bool) -> None:
     """speechrnn: recognise spoken commands with recurrent neural networks.
 
-    Train on a Speech Commands-style folder, evaluate, export a TensorFlow SavedModel, classify
-    audio files and listen to the microphone.
+    Train on a Speech Commands-style folder, evaluate, export a TensorFlow SavedModel and LiteRT
+    models, classify audio files and listen to the microphone (on LiteRT, without TensorFlow).
     """
     # File names are printed as the bytes they are: one that is not valid UTF-8 (kept by Python as
     # surrogate escapes) would otherwise end the command with UnicodeEncodeError.

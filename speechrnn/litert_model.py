@@ -46,7 +46,11 @@ class LiteRTModel:
             self._interpreters[1] = self._load(1)  # on XNNPACK, see _load
 
     def _load(self, batch: int) -> tuple:
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        try:
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        except ImportError:
+            raise SpeechRNNError("cannot run LiteRT models: the ai-edge-litert package is not installed; install it "
+                                 "(pip install ai-edge-litert) or use --backend tf", self.name) from None
 
         # Measured on this project's machines (README "Benchmarks"): one clip of the float model runs
         # fastest on LiteRT's builtin kernels; batches, and the int8 model, on XNNPACK (its default).
