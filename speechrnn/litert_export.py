@@ -246,12 +246,15 @@ def litert_models(models: list, configs: list[ModelConfig], shape: tuple[int, in
     from speechrnn.litert_model import LiteRTModel
 
     check = np.asarray(check, np.float32)
+    if not len(check):
+        raise SpeechRNNError("no real unseen clips to check the LiteRT models on (none of the run's validation "
+                             "clips could be read)")
     function = inference_function([member_of(m, c) for m, c in zip(models, configs, strict=True)], shape)
     files = {"float32": convert(function)}
     expected = np.asarray(reference.predict(check, batch_size=256, verbose=0))
     got = LiteRTModel(files["float32"], "the LiteRT float32 model")(check)
-    difference = float(np.abs(got - expected).max()) if len(check) else 0.0
-    if not len(check) or difference > FLOAT_TOLERANCE:
+    difference = float(np.abs(got - expected).max())
+    if difference > FLOAT_TOLERANCE:
         raise SpeechRNNError(f"the LiteRT model does not give the Keras model's probabilities (largest difference "
                              f"{difference:.3g} on {len(check)} clips, allowed {FLOAT_TOLERANCE:g}); please report this")
     meta = {"float32": {"input": ["batch", *shape], "output": ["batch", "labels"],
