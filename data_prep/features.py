@@ -80,23 +80,54 @@ class FeatureConfig:
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+# Slaney's mel scale (librosa's default, htk=False): linear below 1 kHz, logarithmic above.
+_MEL_HZ_PER_MEL = 200.0 / 3
+_MEL_LOG_HZ = 1000.0
+_MEL_LOG_MEL = _MEL_LOG_HZ / _MEL_HZ_PER_MEL
+_MEL_LOG_STEP = np.log(6.4) / 27.0
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    hz = np.asarray(hz, np.float64)
+    return np.where(hz >= _MEL_LOG_HZ, _MEL_LOG_MEL + np.log(np.maximum(hz, 1e-300) / _MEL_LOG_HZ) / _MEL_LOG_STEP,
+                    hz / _MEL_HZ_PER_MEL)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, np.float64)
+    return np.where(mel >= _MEL_LOG_MEL, _MEL_LOG_HZ * np.exp(_MEL_LOG_STEP * (mel - _MEL_LOG_MEL)), mel * _MEL_HZ_PER_MEL)
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """[n_mels, n_fft // 2 + 1] float32: the triangular, area-normalised ("slaney") filters of
+    librosa.filters.mel(sr, n_fft, n_mels, fmin, fmax) (htk=False, norm="slaney"), written out in
+    numpy so that inference needs no librosa (a ~1-3 s import); tests hold the two equal."""
+    fft_hz = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
+    widths = np.diff(edges)
+    ramps = edges[:, None] - fft_hz[None, :]
+    lower = -ramps[:-2] / widths[:-1, None]
+    upper = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper)).astype(np.float32)
+    weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]  # in float32, as librosa scales them
+    return weights
+
+
 @lru_cache(maxsize=8)
 def mfcc_constants(config: FeatureConfig) -> dict[str, np.ndarray]:
     """The numbers that define the features, shared by numpy here and TensorFlow in the export.
 
     window: periodic Hann (librosa's default STFT window); mel: librosa's Slaney filterbank
-    [fft bins, mels]; dct: orthonormal DCT-II [mels, coefficients] (what librosa.feature.mfcc uses).
+    [fft bins, mels] (mel_filterbank); dct: orthonormal DCT-II [mels, coefficients] (what
+    librosa.feature.mfcc uses). numpy and scipy.fft only.
     """
-    import librosa
     import scipy.fft
-    import scipy.signal
 
-    mel = librosa.filters.mel(
-        sr=config.sample_rate, n_fft=config.window_samples, n_mels=config.n_mels, fmin=config.fmin, fmax=config.fmax
-    )
+    n = config.window_samples
+    mel = mel_filterbank(config.sample_rate, n, config.n_mels, config.fmin, config.fmax)
     dct = scipy.fft.dct(np.eye(config.n_mels), type=2, norm="ortho", axis=0)[: config.n_mfcc]
     return {
-        "window": scipy.signal.get_window("hann", config.window_samples, fftbins=True).astype(np.float32),
+        "window": (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)).astype(np.float32),
         "mel": np.ascontiguousarray(mel.T, dtype=np.float32),
         "dct": np.ascontiguousarray(dct.T, dtype=np.float32),
     }

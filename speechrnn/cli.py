@@ -74,8 +74,8 @@ class _WarningFormatter(logging.Formatter):
 def main(verbose: bool) -> None:
     """speechrnn: recognise spoken commands with recurrent neural networks.
 
-    Train on a Speech Commands-style folder, evaluate, export a TensorFlow SavedModel, classify
-    audio files and listen to the microphone.
+    Train on a Speech Commands-style folder, evaluate, export a TensorFlow SavedModel and LiteRT
+    models, classify audio files and listen to the microphone (on LiteRT, without TensorFlow).
     """
     # File names are printed as the bytes they are: one that is not valid UTF-8 (kept by Python as
     # surrogate escapes) would otherwise end the command with UnicodeEncodeError.
@@ -318,6 +318,16 @@ def train(data, train_only, out, config_file, resume, words, export_dir, no_augm
     sys.exit(_status())
 
 
+BACKEND_CHOICES = ("auto", "litert", "litert-int8", "tf")  # speechrnn.export_format.BACKENDS, and auto
+
+
+def _backend_option(fn):
+    return click.option(
+        "--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+        help="auto: the export's LiteRT model (no TensorFlow) when it has one, else its SavedModel; "
+             "litert-int8: its int8 LiteRT model; tf: the SavedModel.")(fn)
+
+
 def _parse_thresholds(ctx, param, values: tuple[str, ...]) -> tuple[float | None, dict[str, float]]:
     """--threshold 0.7 (every command) and/or --threshold up=0.85 (one command), repeatable."""
     overall, per_label = None, {}
@@ -342,17 +352,22 @@ def _parse_thresholds(ctx, param, values: tuple[str, ...]) -> tuple[float | None
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--threshold", "thresholds", multiple=True, callback=_parse_thresholds, metavar="LABEL=T",
               help="A command's own threshold for `listen`, kept in the export (repeatable).")
+@click.option("--int8", type=click.Choice(["dynamic", "calibrated"]), default="dynamic", show_default=True,
+              help="The int8 LiteRT model: int8 weights (dynamic), or weights and activations calibrated on real "
+                   "training clips (calibrated; less faithful, see README).")
 @_report_errors
-def export(run_dirs: tuple[str, ...], out: str, checkpoint: str, thresholds) -> None:
-    """Export RUN_DIR's best checkpoint as a SavedModel in OUT (atomically).
+def export(run_dirs: tuple[str, ...], out: str, checkpoint: str, thresholds, int8: str) -> None:
+    """Export RUN_DIR's best checkpoint as a SavedModel and LiteRT models in OUT (atomically).
 
     Several run folders (same task and data) make one model that averages their probabilities.
+    Needs only the run folders (their data folders only for runs trained before they recorded
+    their validation results).
     """
     from speechrnn.export import export_runs
 
     if thresholds[0] is not None:
         raise click.BadParameter("give LABEL=T: the overall threshold is listen's", param_hint="--threshold")
-    path = export_runs(list(run_dirs), out, checkpoint, label_thresholds=thresholds[1])
+    path = export_runs(list(run_dirs), out, checkpoint, label_thresholds=thresholds[1], int8=int8)
     what = run_dirs[0] if len(run_dirs) == 1 else f"the mean of {', '.join(run_dirs)}"
     click.echo(f"exported {what} ({checkpoint} checkpoint) to {path}")
     sys.exit(_status())  # 1 when validation clips for its metrics could not be read
@@ -367,8 +382,10 @@ def export(run_dirs: tuple[str, ...], out: str, checkpoint: str, thresholds) -> 
               help="Every clip of a non-command word in the split, not the model's task sample of them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the confusion matrix as a PNG.")
+@_backend_option
 @_report_errors
-def evaluate(model: str, data: tuple[str, ...], split: str, all_unknown: bool, as_json: bool, plot: str | None) -> None:
+def evaluate(model: str, data: tuple[str, ...], split: str, all_unknown: bool, as_json: bool, plot: str | None,
+             backend: str) -> None:
     """Accuracy, per-class precision/recall and confusion matrix of MODEL on DATA.
 
     DATA is one or more dataset folders (their split lists; pooled) or one folder whose
@@ -378,7 +395,8 @@ def evaluate(model: str, data: tuple[str, ...], split: str, all_unknown: bool, a
     from speechrnn.evaluate import format_report, plot_confusion
 
     # each unreadable clip: an `error:` line, and exit status 1
-    report = run_evaluation(model, data[0] if len(data) == 1 else list(data), split, all_unknown=all_unknown)
+    report = run_evaluation(model, data[0] if len(data) == 1 else list(data), split, all_unknown=all_unknown,
+                            backend=backend)
     if plot:
         plot_confusion(report, plot)
     click.echo(json.dumps(report, indent=2, allow_nan=False) if as_json else format_report(report))
@@ -390,8 +408,9 @@ def evaluate(model: str, data: tuple[str, ...], split: str, all_unknown: bool, a
 @click.option("--model", "model_opt", type=click.Path(), default=None, help="Model folder [models/default].")
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
+@_backend_option
 @_report_errors
-def classify(inputs: tuple[str, ...], model_opt: str | None, top_k: int, as_json: bool) -> None:
+def classify(inputs: tuple[str, ...], model_opt: str | None, top_k: int, as_json: bool, backend: str) -> None:
     """Classify audio FILEs (any rate, channels, length; WAV/FLAC/OGG) with MODEL (default models/default).
 
     A file longer than one second is scored in 1 s windows every 100 ms; the answer is the
@@ -408,14 +427,14 @@ def classify(inputs: tuple[str, ...], model_opt: str | None, top_k: int, as_json
         raise click.UsageError(f"{files[0]} is a model folder: give the audio files to classify after it "
                                "(speechrnn classify MODEL FILE...)")
     results = []
-    for path in files:  # path problems first: no TensorFlow start-up to say that nothing can be read
+    for path in files:  # path problems first: no model loading to say that nothing can be read
         try:
             check_path(path)
         except SpeechRNNError as err:
             results.append(FileResult(path, error=err.reason))
     if len(results) < len(files):
         show = _FileProgress() if sys.stderr.isatty() else None
-        results = Recognizer(model).classify_files(files, top_k, progress=show)
+        results = Recognizer(model, backend).classify_files(files, top_k, progress=show)
         if show is not None:
             show.clear()
     failed = 0
@@ -518,14 +537,17 @@ def _stream_config(thresholds, hop_ms, smoothing_ms, refractory_ms):
 @click.option("--duration", type=click.FloatRange(0, min_open=True), default=None, help="Stop after this many seconds.")
 @_stream_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per detection: {time, label, score}.")
+@_backend_option
 @_report_errors
-def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, smoothing_ms, refractory_ms, as_json):
+def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, smoothing_ms, refractory_ms, as_json,
+           backend):
     """Recognise commands live from the microphone (or --input FILE) with MODEL [models/default].
 
     Prints one line per detection; Ctrl-C stops with a short summary (exit 0). When the input
     ends (the file, --duration, Ctrl-C) the audio heard so far is scored to the end, so a command
     in the last second is reported too.
     """
+    from speechrnn.export_format import default_model_dir, read_metadata
     from speechrnn.microphone import (
         ListenStats,
         check_input_device,
@@ -535,18 +557,18 @@ def listen(model, device, input_file, realtime, duration, thresholds, hop_ms, sm
         run_listener,
         status_line,
     )
-    from speechrnn.recognizer import Recognizer, default_model_dir, read_metadata
+    from speechrnn.recognizer import Recognizer
 
     config = _stream_config(thresholds, hop_ms, smoothing_ms, refractory_ms)
-    # Cheap checks first: a wrong model, device or file should not wait for TensorFlow to load.
-    read_metadata(model or default_model_dir())
+    # Cheap checks first: a wrong model, device or file should not wait for the model to load.
+    read_metadata(model or default_model_dir(), backend)
     stats = ListenStats()
     if input_file:
         source = file_chunk_source(input_file, realtime=realtime, duration=duration)  # opens the file
     else:
         check_input_device(device)
     try:
-        detector = detector_for(Recognizer(model), config)
+        detector = detector_for(Recognizer(model, backend), config)
     except KeyboardInterrupt:
         click.echo("stopped before listening began", err=True)
         sys.exit(0)
@@ -635,8 +657,9 @@ def score_stream(inputs, thresholds, hop_ms, smoothing_ms, refractory_ms, match_
 @click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Every command's threshold while mining (lower than listen's catches near misses too).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@_backend_option
 @_report_errors
-def mine(model, out, folders, datasets, minutes, noise_from, threshold, seed) -> None:
+def mine(model, out, folders, datasets, minutes, noise_from, threshold, seed, backend) -> None:
     """Hard negatives: windows MODEL fires on in command-free streams, as clips in OUT/mined/.
 
     Train on them with `speechrnn train ... --negatives OUT`; mine again with the new model.
@@ -644,7 +667,7 @@ def mine(model, out, folders, datasets, minutes, noise_from, threshold, seed) ->
     from speechrnn.mining import mine_negatives
 
     summary = mine_negatives(model, out, list(folders), list(datasets), minutes, noise_from, threshold=threshold,
-                             seed=seed)
+                             seed=seed, backend=backend)
     click.echo(json.dumps(summary))
     _fast_exit(0)
 

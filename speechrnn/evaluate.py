@@ -61,6 +61,25 @@ def metrics_from_predictions(truth: np.ndarray, predicted: np.ndarray, labels: l
             "labels": labels, "per_class": per_class, "confusion_matrix": cm.tolist()}
 
 
+def checkpoint_metrics(probabilities: np.ndarray, truth: np.ndarray, is_validation: np.ndarray,
+                       labels: list[str]) -> dict:
+    """The metrics an export carries: accuracy, its 95% interval, class-balanced accuracy, the clip
+    count and per-label figures on the validation split ("validation") and on every clip the run
+    kept out of training ("unseen": validation plus the held-out speakers of scarce words, present
+    only when there are any). ``probabilities`` [n, labels]; ``truth`` [n] label indices."""
+    if not len(truth):
+        return {}
+    predicted = np.asarray(probabilities).argmax(1)
+    is_validation = np.asarray(is_validation, bool)
+    out = {}
+    for name, rows in (("validation", is_validation), ("unseen", np.ones_like(is_validation))):
+        if name == "unseen" and is_validation.all():
+            continue
+        report = metrics_from_predictions(truth[rows], predicted[rows], labels)
+        out[name] = {k: report[k] for k in ("accuracy", "accuracy_95ci", "balanced_accuracy", "examples", "per_class")}
+    return out
+
+
 def evaluation_examples(data, labels: list[str], task: TaskConfig, split: str, all_unknown: bool = False):
     """Dataset folders (their split lists, the model's task sampling; several are pooled as in
     training) or one flat label-folder tree. all_unknown: every clip of a word outside the task
@@ -84,13 +103,14 @@ def evaluation_examples(data, labels: list[str], task: TaskConfig, split: str, a
 
 
 def evaluate(model_dir: str | os.PathLike | None, data, split: str = "testing",
-             recognizer: Recognizer | None = None, all_unknown: bool = False) -> dict:
+             recognizer: Recognizer | None = None, all_unknown: bool = False, backend: str | None = None) -> dict:
     """Score MODEL on the clips of DATA (a folder, or a list of dataset folders; see
-    evaluation_examples) -> the report (metrics_from_predictions plus model, data, split,
+    evaluation_examples) with ``backend`` (see Recognizer) -> the report (metrics_from_predictions
+    plus model, backend, data, split,
     ``unknown_by_word``: the recall of each word that counts as _unknown_, and ``skipped``:
     "<file>: <reason>" of each clip that could not be read, which is also logged as an error and
     left out of the figures)."""
-    rec = recognizer or Recognizer(model_dir)
+    rec = recognizer or Recognizer(model_dir, backend)
     task = TaskConfig.from_dict(rec.meta["task"]) if "task" in rec.meta else TaskConfig()
     examples = evaluation_examples(data, rec.labels, task, split, all_unknown)
     waves, kept, errors = WaveformLoader(rec.features).load_many(examples)  # logs each unreadable clip
@@ -110,7 +130,7 @@ def evaluate(model_dir: str | os.PathLike | None, data, split: str = "testing",
             word: {"support": len(hits), "recall": sum(hits) / len(hits),
                    "recall_95ci": list(wilson_interval(sum(hits), len(hits)))}
             for word, hits in sorted(by_word.items())}
-    report.update(model=str(rec.model_dir), data=str(data) if isinstance(data, str | os.PathLike) else
+    report.update(model=str(rec.model_dir), backend=rec.backend, data=str(data) if isinstance(data, str | os.PathLike) else
                   ", ".join(map(str, data)), split=split, skipped=[str(e) for e in errors])
     return report
 

@@ -1,4 +1,5 @@
-"""Export a run as a TensorFlow SavedModel that needs neither speechrnn nor librosa to run.
+"""Export a run as a TensorFlow SavedModel that needs neither speechrnn nor librosa to run, and
+LiteRT models of the same weights that need no TensorFlow either (speechrnn.litert_export).
 
 Signatures (XLA-compiled twins ``waveform_xla`` and ``mfcc_xla`` live in the ``xla/`` sub-export,
 so a one-shot load reads a graph a quarter the size):
@@ -15,9 +16,17 @@ so a one-shot load reads a graph a quarter the size):
       MFCC is computed in the graph with the same mel matrix and DCT as data_prep.features (held
       equal by a test). The whole waveform is scored in one call: memory grows with its length.
   mfcc(mfcc: float32 [batch, frames, coefficients]) -> the same outputs, for one window each.
+LiteRT (litert/): model_float32.tflite, MFCC [batch, frames, coefficients] -> probabilities
+[batch, labels], checked at export to give the Keras model's probabilities within 1e-4 on real
+unseen clips; model_int8.tflite, its int8-quantised twin, when its top-1 answers agree with the
+float model's on at least 99% of them.
 Assets (plain files): assets/labels.txt and assets/speechrnn.json (FeatureConfig, task, model
-config, training summary, validation metrics, the sha256 of both graphs), written before the
-folder is renamed into place. check_export_graph holds a folder's graphs to its metadata.
+config, training summary, validation metrics, the sha256 of both graphs and of each LiteRT
+model), written before the folder is renamed into place. The metrics (and the real clips the
+LiteRT models are calibrated and checked on) come from the run folder's record of them
+(speechrnn.train), so exporting needs only the run folder; a run trained before runs kept that
+record has them computed from its data folders, as before. speechrnn.export_format holds the
+format and the checks of a folder.
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ import logging
 import os
 import shutil
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +45,21 @@ from data_prep.dataset import SILENCE
 from data_prep.errors import SpeechRNNError
 from data_prep.features import DB_PER_OCTAVE, LOG_FLOOR, FeatureConfig, mfcc_constants
 from speechrnn import __version__
+from speechrnn.export_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH_FILES,
+    LITERT_DIR,
+    LITERT_FILES,
+    META_FILE,
+    WINDOW_HOP_S,
+    XLA_DIR,
+    file_sha256,
+    is_export,
+)
 from speechrnn.tfutil import import_tf
 
 log = logging.getLogger(__name__)
-FORMAT = "speechrnn-export"
-# 2: serving_default scores any length in windows (1 scored the first second only), and the
-# metadata holds the sha256 of both graphs.
-FORMAT_VERSION = 2
-META_FILE = "speechrnn.json"
-XLA_DIR = "xla"  # a second SavedModel inside the export: the XLA-compiled signatures
-GRAPH_FILES = ("saved_model.pb", f"{XLA_DIR}/saved_model.pb")
-WINDOW_HOP_S = 0.1  # a recording longer than a clip is scored in clip-long windows this far apart
 
 
 def tf_mfcc(tf, waveform, config: FeatureConfig, constants: dict):
@@ -145,140 +157,12 @@ def build_export_module(model, labels: list[str], config: FeatureConfig, xla: bo
     return SpeechRNNModule()
 
 
-# -- what a folder's graphs must be to go with its metadata ---------------------------------------
-
-@lru_cache(maxsize=1)
-def _signature_reader():
-    """A parser for the part of TensorFlow's SavedModel protobuf that holds the signatures.
-
-    Built from a partial schema (field numbers of tensorflow/core/protobuf/saved_model.proto,
-    meta_graph.proto and tensor_shape.proto; every other field is skipped), so checking a folder
-    needs neither TensorFlow nor its start-up time (`speechrnn info` stays instant).
-    """
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    field = descriptor_pb2.FieldDescriptorProto
-    optional, repeated = field.LABEL_OPTIONAL, field.LABEL_REPEATED
-
-    def message(name, *fields, nested=()):
-        out = descriptor_pb2.DescriptorProto(name=name)
-        for fname, number, ftype, label, type_name in fields:
-            f = out.field.add(name=fname, number=number, type=ftype, label=label)
-            if type_name:
-                f.type_name = type_name
-        out.nested_type.extend(nested)
-        return out
-
-    def entry(value_type):  # a protobuf map<string, V> is, on the wire, a repeated {key = 1, value = 2}
-        return message("Entry", ("key", 1, field.TYPE_STRING, optional, None),
-                       ("value", 2, field.TYPE_MESSAGE, optional, value_type))
-
-    schema = descriptor_pb2.FileDescriptorProto(name="speechrnn_saved_model_signatures.proto",
-                                                package="speechrnn_sigs", syntax="proto3")
-    schema.message_type.extend([
-        message("Dim", ("size", 1, field.TYPE_INT64, optional, None)),
-        message("Shape", ("dim", 2, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.Dim"),
-                ("unknown_rank", 3, field.TYPE_BOOL, optional, None)),
-        message("TensorInfo", ("dtype", 2, field.TYPE_INT32, optional, None),
-                ("tensor_shape", 3, field.TYPE_MESSAGE, optional, ".speechrnn_sigs.Shape")),
-        message("SignatureDef", ("inputs", 1, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.SignatureDef.Entry"),
-                ("outputs", 2, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.SignatureDef.Entry"),
-                nested=[entry(".speechrnn_sigs.TensorInfo")]),
-        message("MetaGraphDef", ("signature_def", 5, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.MetaGraphDef.Entry"),
-                nested=[entry(".speechrnn_sigs.SignatureDef")]),
-        message("SavedModel", ("meta_graphs", 2, field.TYPE_MESSAGE, repeated, ".speechrnn_sigs.MetaGraphDef")),
-    ])
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(schema)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("speechrnn_sigs.SavedModel"))
-
-
-DTYPES = {1: "float32", 3: "int32", 7: "string", 9: "int64"}  # tensorflow/core/framework/types.proto
-
-
-def saved_model_signatures(data: bytes) -> dict[str, dict[str, dict[str, tuple[str, list[int] | None]]]]:
-    """The signatures of a saved_model.pb: {name: {"inputs"|"outputs": {key: (dtype, shape)}}}.
-
-    A shape lists its dimensions (-1 for any size), None when even the rank is unknown. Raises
-    ValueError when the bytes are not a SavedModel protobuf.
-    """
-    from google.protobuf.message import DecodeError
-
-    try:
-        saved = _signature_reader().FromString(data)
-    except DecodeError as exc:
-        raise ValueError(f"not a SavedModel protobuf ({exc})") from None
-
-    def tensors(entries):
-        return {e.key: (DTYPES.get(e.value.dtype, f"dtype {e.value.dtype}"),
-                        None if e.value.tensor_shape.unknown_rank else [d.size for d in e.value.tensor_shape.dim])
-                for e in entries}
-
-    return {sig.key: {"inputs": tensors(sig.value.inputs), "outputs": tensors(sig.value.outputs)}
-            for graph in saved.meta_graphs for sig in graph.signature_def}
-
-
-def expected_signatures(meta: dict) -> dict[str, dict]:
-    """What each graph of an export with this metadata provides: {graph file: {signature: (input, shape)}}."""
-    features = FeatureConfig.from_dict(meta["features"])
-    waveform, mfcc = ("waveform", [-1, -1]), ("mfcc", [-1, *features.shape])
-    return {GRAPH_FILES[0]: {"serving_default": waveform, "mfcc": mfcc},
-            GRAPH_FILES[1]: {"waveform_xla": waveform, "mfcc_xla": mfcc}}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_export_graph(model_dir: str | os.PathLike, meta: dict) -> None:
-    """Raise the project error unless the folder's graphs are the ones its metadata describes.
-
-    Another TensorFlow model saved over an export keeps the old assets/ (and xla/): its metadata
-    would then describe a model that is no longer there. Every export's signatures are checked
-    against the metadata (names, inputs, the number of labels); an export that recorded the sha256
-    of its graphs (format 2) must still have exactly those graphs.
-    """
-    model_dir = Path(model_dir)
-    fix = f"the folder holds another model than assets/{META_FILE} describes; export the run again"
-    recorded = meta.get("graph_sha256", {})
-    for name, wanted in expected_signatures(meta).items():
-        path = model_dir / name
-        if not path.is_file():
-            raise SpeechRNNError(f"damaged export: no {name}; export the run again", model_dir)
-        if name in recorded and file_sha256(path) != recorded[name]:
-            raise SpeechRNNError(f"{name} is not the graph this export was written with: {fix}", model_dir)
-        try:
-            found = saved_model_signatures(path.read_bytes())
-        except ValueError as exc:
-            raise SpeechRNNError(f"damaged export: {name} is {exc}", model_dir) from None
-        for signature, (arg, shape) in wanted.items():
-            if signature not in found:
-                raise SpeechRNNError(f"{name} has no {signature!r} signature (it has: {', '.join(sorted(found)) or 'none'}): "
-                                     f"{fix}", model_dir)
-            inputs, outputs = found[signature]["inputs"], found[signature]["outputs"]
-            if inputs != {arg: ("float32", shape)}:
-                raise SpeechRNNError(f"{name}: signature {signature!r} takes {_describe(inputs)}, not {arg} float32 "
-                                     f"{shape}: {fix}", model_dir)
-            probs = outputs.get("probabilities")
-            if probs is None or probs[1] is None or probs[1][-1:] != [len(meta["labels"])]:
-                raise SpeechRNNError(f"{name}: signature {signature!r} gives {_describe(outputs)}, not probabilities "
-                                     f"of the {len(meta['labels'])} labels: {fix}", model_dir)
-
-
-def _describe(tensors: dict) -> str:
-    return ", ".join(f"{k} {dtype} {shape}" for k, (dtype, shape) in sorted(tensors.items())) or "nothing"
-
-
-def _is_export(path: Path) -> bool:
-    return (path / "saved_model.pb").exists() and (path / "assets" / META_FILE).exists()
-
-
-def write_export(model, labels: list[str], config: FeatureConfig, out: str | os.PathLike, metadata: dict) -> Path:
+def write_export(model, labels: list[str], config: FeatureConfig, out: str | os.PathLike, metadata: dict,
+                 litert: tuple[dict[str, bytes], dict] | None = None) -> Path:
     """Save atomically: a temp sibling folder is filled, then renamed to ``out``.
+
+    ``litert``: the LiteRT models ({"float32"|"int8": flatbuffer bytes}) and their metadata, as
+    speechrnn.litert_export.litert_models makes them; written to litert/ with their sha256.
 
     A killed export leaves at most a hidden ``.<name>.tmp-*`` folder, never a folder that
     looks like a complete model. An existing export at ``out`` is replaced; any other
@@ -286,7 +170,7 @@ def write_export(model, labels: list[str], config: FeatureConfig, out: str | os.
     """
     tf = import_tf()
     out = Path(out)
-    if out.exists() and not (out.is_dir() and (_is_export(out) or not any(out.iterdir()))):
+    if out.exists() and not (out.is_dir() and (is_export(out) or not any(out.iterdir()))):
         raise SpeechRNNError("exists and is not a speechrnn export; choose another output folder", out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed export
@@ -305,10 +189,19 @@ def write_export(model, labels: list[str], config: FeatureConfig, out: str | os.
         assets = tmp / "assets"
         assets.mkdir(exist_ok=True)
         (assets / "labels.txt").write_text("\n".join(labels) + "\n")
+        litert_meta = {}
+        if litert is not None:
+            files, litert_meta = litert[0], dict(litert[1])
+            (tmp / LITERT_DIR).mkdir()
+            for variant, data in files.items():
+                (tmp / LITERT_FILES[variant]).write_bytes(data)
+                litert_meta[variant] = {"file": LITERT_FILES[variant], "sha256": hashlib.sha256(data).hexdigest(),
+                                        **litert_meta.get(variant, {})}
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "speechrnn_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "labels": labels,
                 "features": config.to_dict(), **metadata,
-                "graph_sha256": {name: file_sha256(tmp / name) for name in GRAPH_FILES}}
+                "graph_sha256": {name: file_sha256(tmp / name) for name in GRAPH_FILES},
+                **({"litert": litert_meta} if litert_meta else {})}
         (assets / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks completeness
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -322,30 +215,92 @@ def write_export(model, labels: list[str], config: FeatureConfig, out: str | os.
     return out
 
 
-def validation_metrics(model, run_dir: Path, labels: list[str]) -> dict:
-    """Accuracy and per-label recall of the exported weights on real clips it never trained on:
-    the validation split, and ("unseen") validation plus the held-out speakers of scarce words."""
+def metrics_from_data(model, run_dir: Path, labels: list[str]) -> tuple[dict, np.ndarray]:
+    """For a run folder without a record of them (trained before runs kept one): the metrics
+    (evaluate.checkpoint_metrics) of the exported weights on the clips the run kept out of training,
+    read and featurised from its data folders, and those clips' MFCC [n, frames, coefficients]."""
     from data_prep.dataset import HOLDOUT, SpeechCommands
     from data_prep.extract import featurize
-    from speechrnn.evaluate import metrics_from_predictions
+    from speechrnn.evaluate import checkpoint_metrics
     from speechrnn.runconfig import TrainConfig
 
     config = TrainConfig.load(run_dir / "config.json")
     dataset = SpeechCommands.union([SpeechCommands.open(folder) for folder in config.data])  # as training pools them
-    groups = {split: dataset.examples(config.task, split) for split in ("validation", HOLDOUT)}
-    feats = featurize(groups["validation"] + groups[HOLDOUT], config.features, show_progress=False)
+    examples = dataset.examples(config.task, "validation") + dataset.examples(config.task, HOLDOUT)
+    feats = featurize(examples, config.features, show_progress=False)  # logs each unreadable clip
     if not len(feats.features):
-        return {}
-    predicted = model.predict(feats.features, batch_size=256, verbose=0).argmax(1)
+        return {}, feats.features
+    probabilities = model.predict(feats.features, batch_size=256, verbose=0)
     truth = np.array([labels.index(ex.label) for ex in feats.examples])
     is_validation = np.array([ex.split == "validation" for ex in feats.examples])
-    out = {}
-    for name, rows in (("validation", is_validation), ("unseen", np.ones_like(is_validation))):
-        if name == "unseen" and is_validation.all():
-            continue
-        report = metrics_from_predictions(truth[rows], predicted[rows], labels)
-        out[name] = {k: report[k] for k in ("accuracy", "accuracy_95ci", "balanced_accuracy", "examples", "per_class")}
-    return out
+    return checkpoint_metrics(probabilities, truth, is_validation, labels), feats.features
+
+
+def calibration_from_data(run_dir: Path) -> np.ndarray:
+    """For a run folder without a record of them: MFCC of up to CALIBRATION_CLIPS real training clips,
+    spread over the labels, read from its data folders (int8 calibration)."""
+    from data_prep.dataset import SpeechCommands
+    from data_prep.extract import WaveformLoader
+    from data_prep.features import mfcc_batched
+    from speechrnn.runconfig import TrainConfig
+    from speechrnn.train import CALIBRATION_CLIPS, _sample_rows
+
+    config = TrainConfig.load(run_dir / "config.json")
+    dataset = SpeechCommands.union([SpeechCommands.open(folder) for folder in config.data])
+    examples = dataset.examples(config.task, "training")
+    labels = np.array([config.task.labels.index(ex.label) for ex in examples])
+    chosen = [examples[i] for i in _sample_rows(labels, CALIBRATION_CLIPS, np.random.default_rng([config.seed, 7]))]
+    waves, _, _ = WaveformLoader(config.features).load_many(chosen)
+    return mfcc_batched(waves, config.features) if len(waves) else np.zeros((0, *config.features.shape), np.float32)
+
+
+def recorded_export_data(run_dir: Path, checkpoint: str) -> dict | None:
+    """What training recorded for export (speechrnn.train.EXPORT_DATA and the checkpoint's
+    probabilities on the unseen clips), or None for a run trained before runs recorded it."""
+    from speechrnn.train import EXPORT_DATA
+
+    path, ck = run_dir / EXPORT_DATA, run_dir / "checkpoints" / f"{checkpoint}.npz"
+    if not path.exists() or not ck.exists():
+        return None
+    with np.load(ck) as saved:
+        if "unseen_probabilities" not in saved:
+            return None
+        probabilities = saved["unseen_probabilities"]
+    with np.load(path) as saved:
+        record = {key: saved[key] for key in saved.files}
+    if len(probabilities) != len(record["unseen_truth"]):
+        return None
+    return {**record, "probabilities": probabilities}
+
+
+def export_data(run_dirs: list[Path], checkpoint: str, model, labels: list[str],
+                calibrate: bool = True) -> tuple[dict, np.ndarray, np.ndarray | None, str]:
+    """(metrics, MFCC of unseen clips to check the LiteRT models on, MFCC of real training clips to
+    calibrate int8 on (when ``calibrate``), where they came from): from the runs' records when every
+    run has one (an ensemble's metrics from the mean of its members' recorded probabilities);
+    otherwise computed from the first run's data folders as before runs kept a record (which needs
+    those folders), with a warning saying so."""
+    from speechrnn.evaluate import checkpoint_metrics
+
+    records = [recorded_export_data(r, checkpoint) for r in run_dirs]
+    missing = [r for r, rec in zip(run_dirs, records, strict=True) if rec is None]
+    if not missing and all(np.array_equal(rec["unseen_keys"], records[0]["unseen_keys"]) for rec in records):
+        first = records[0]
+        probabilities = np.mean([rec["probabilities"] for rec in records], axis=0)
+        metrics = checkpoint_metrics(probabilities, first["unseen_truth"], first["unseen_is_validation"], labels)
+        return (metrics, first["check_mfcc"].astype(np.float32), first["calibration_mfcc"].astype(np.float32),
+                "recorded by training")
+    why = (f"{missing[0]} has no record of its validation results (trained before runs kept one)" if missing
+           else "the runs recorded their results on different clips")
+    log.warning("%s: computing the metrics from the data folders", why)
+    metrics, unseen = metrics_from_data(model, run_dirs[0], labels)
+    check = unseen[_spread(len(unseen))]
+    return (metrics, check, calibration_from_data(run_dirs[0]) if calibrate else None,
+            "computed at export from the data folders")
+
+
+def _spread(n: int, count: int = 256) -> np.ndarray:  # as speechrnn.train.CHECK_CLIPS
+    return np.unique(np.linspace(0, n - 1, min(n, count)).round().astype(int)) if n else np.zeros(0, int)
 
 
 def training_summary(run_dir: Path) -> dict:
@@ -405,8 +360,10 @@ def _check_members(run_dirs: list[Path], configs: list) -> None:
 
 
 def export_runs(run_dirs: list, out: str | os.PathLike, checkpoint: str = "best",
-                label_thresholds: dict[str, float] | None = None) -> Path:
+                label_thresholds: dict[str, float] | None = None, int8: str = "dynamic") -> Path:
     """Export one run, or several as one model that averages their probabilities (an ensemble).
+
+    ``int8``: how its int8 LiteRT model is quantised (speechrnn.litert_export.convert).
 
     Runs trained on the same data with different augmentation make partly different mistakes; what
     the mean of two did on the streaming benchmark is in README ("The default model").
@@ -436,12 +393,18 @@ def export_runs(run_dirs: list, out: str | os.PathLike, checkpoint: str = "best"
         model_meta = {"name": f"mean of {len(members)}: " + " + ".join(d["name"] for d in described),
                       "parameters": int(model.count_params()), "members": described}
         training = {"members": trained, "runs": [str(r) for r in run_dirs]}
+    from speechrnn.litert_export import litert_models
+
+    metrics, check, calibration, source = export_data(run_dirs, checkpoint, model, labels, int8 == "calibrated")
+    litert = litert_models([m for _, m in members], [c.model for c, _ in members], config.features.shape, model,
+                           check, calibration, int8)
     metadata = {
         "task": config.task.to_dict(),
         "model": model_meta,
         "training": training,
-        "metrics": validation_metrics(model, run_dirs[0], labels),
+        "metrics": metrics,
+        "metrics_source": source,
     }
     if label_thresholds:
         metadata["streaming"] = {"label_thresholds": dict(label_thresholds)}
-    return write_export(model, labels, config.features, out, metadata)
+    return write_export(model, labels, config.features, out, metadata, litert)

@@ -5,11 +5,35 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from speechrnn.recognizer import default_model_dir, read_metadata
+from speechrnn.export_format import (
+    LITERT,
+    LITERT_INT8,
+    TF,
+    available_backends,
+    choose_backend,
+    default_model_dir,
+    read_metadata,
+)
 
 
 def model_size_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+
+
+def describe_backends(meta: dict, path: Path) -> str:
+    """The backends an export offers (classify/listen/evaluate --backend), the default first marked."""
+    default = choose_backend(meta, None, path)
+    litert = meta.get("litert", {})
+    what = {LITERT: "LiteRT float32, no TensorFlow", TF: "the SavedModel, TensorFlow"}
+    if "int8" in litert:
+        what[LITERT_INT8] = (f"LiteRT int8, top-1 as float32 on {litert['int8']['top1_agreement_with_float32']:.1%} "
+                             "of the unseen clips checked")
+    parts = [f"{name} ({what[name]}{', default' if name == default else ''})" for name in available_backends(meta)]
+    if "float32" not in litert:
+        parts.append("no LiteRT model (an older export: export the run again for one)")
+    elif "int8_skipped" in litert:
+        parts.append(f"no int8 model ({litert['int8_skipped']})")
+    return "; ".join(parts)
 
 
 def describe_model(model_dir: str | None, as_json: bool = False) -> str:
@@ -36,6 +60,7 @@ def describe_model(model_dir: str | None, as_json: bool = False) -> str:
               else "the first second only (an older export: export the run again for any length)")
     lines.append(f"signature   serving_default: float32 waveform [batch, samples], mono, {rate:g} kHz, in [-1, 1]; "
                  f"{scores}")
+    lines.append(f"backends    {describe_backends(meta, path)}")
     own = meta.get("streaming", {}).get("label_thresholds")
     if own:
         lines.append("listen      own thresholds " + ", ".join(f"{k} {v:g}" for k, v in own.items())

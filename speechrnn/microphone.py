@@ -268,7 +268,8 @@ def run_listener(detector: StreamingDetector, source: Iterator[np.ndarray],
 
 
 def detector_for(recognizer, config: StreamConfig) -> StreamingDetector:
-    """A detector scoring with the export's XLA-compiled MFCC signature (compiled once up front).
+    """A detector scoring MFCC windows with the recognizer's backend: the LiteRT interpreter at batch 1,
+    or on the SavedModel its XLA-compiled MFCC signature (compiled once up front).
 
     Per-label thresholds the export carries (``streaming.label_thresholds`` in its metadata, set by
     ``speechrnn export --threshold LABEL=T``) apply unless ``config`` sets the same labels."""

@@ -89,6 +89,7 @@ def mine_negatives(
     threshold: float = 0.5,
     seed: int = 0,
     show_progress: bool = True,
+    backend: str | None = None,
 ) -> dict:
     """Mine false alarms of MODEL on command-free streams into OUT/mined/*.wav (one-second windows).
 
@@ -104,7 +105,7 @@ def mine_negatives(
         raise SpeechRNNError("already exists and is not empty; pick another folder or delete it", out)
     if not folders and not datasets:
         raise SpeechRNNError("nothing to mine: give --from FOLDER or --from-dataset DATASET")
-    recognizer = Recognizer(model)
+    recognizer = Recognizer(model, backend)
     task = TaskConfig.from_dict(recognizer.meta["task"]) if "task" in recognizer.meta else TaskConfig()
     rate = recognizer.features.sample_rate
     sources = [(str(f), _folder_files(Path(f))) for f in folders]

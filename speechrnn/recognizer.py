@@ -1,4 +1,6 @@
-"""Classify clips and files with an exported model (plain tf.saved_model.load; no Keras needed).
+"""Classify clips and files with an exported model: its LiteRT model (no TensorFlow: MFCC from
+data_prep.features, the network on the LiteRT interpreter) when it has one, else, or with
+backend "tf", its SavedModel (plain tf.saved_model.load; no Keras needed).
 
 Files longer than the model's clip (1 s) are scored in 1 s windows every 100 ms (and one ending at
 the last sample); the answer is the window with the highest score for a class other than
@@ -9,7 +11,7 @@ scored in fixed-size batches shared between files, so memory does not grow with 
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,41 +22,21 @@ import numpy as np
 from data_prep.audio import stream_audio
 from data_prep.dataset import SILENCE
 from data_prep.errors import SpeechRNNError
-from data_prep.features import FeatureConfig
-from speechrnn.export import FORMAT, META_FILE, WINDOW_HOP_S, XLA_DIR, check_export_graph
-from speechrnn.tfutil import import_tf
+from data_prep.features import FeatureConfig, mfcc_batched
+from speechrnn.export_format import (
+    LITERT_VARIANTS,
+    TF,
+    WINDOW_HOP_S,
+    XLA_DIR,
+    choose_backend,
+    default_model_dir,
+    read_metadata,
+)
 
+log = logging.getLogger(__name__)
 BATCH = 64
 # Progress of one file: progress(path, seconds decoded and scored so far, the file's length in seconds).
 Progress = Callable[[str, float, float], None]
-
-
-def default_model_dir() -> Path:
-    """``models/default`` in the current folder, else the one shipped beside the package."""
-    local = Path("models/default")
-    if (local / "assets" / META_FILE).exists():
-        return local
-    return Path(__file__).resolve().parent.parent / "models" / "default"
-
-
-def read_metadata(model_dir: str | os.PathLike) -> dict:
-    """An export's metadata (assets/speechrnn.json), once its graphs are checked to be the ones it
-    describes (speechrnn.export.check_export_graph; no TensorFlow needed). Raises SpeechRNNError."""
-    model_dir = Path(model_dir)
-    meta_path = model_dir / "assets" / META_FILE
-    if not model_dir.exists():
-        raise SpeechRNNError("no such model folder", model_dir)
-    if not (model_dir / "saved_model.pb").exists() or not meta_path.exists():
-        raise SpeechRNNError(f"not a speechrnn export (no saved_model.pb or assets/{META_FILE}); "
-                             "make one with `speechrnn export RUN_DIR OUT`", model_dir)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as exc:
-        raise SpeechRNNError(f"damaged model metadata ({exc})", meta_path) from None
-    if meta.get("format") != FORMAT:
-        raise SpeechRNNError("not a speechrnn export (unknown metadata format)", model_dir)
-    check_export_graph(model_dir, meta)
-    return meta
 
 
 @dataclass
@@ -74,14 +56,34 @@ class FileResult:
 
 class Recognizer:
     """An exported model loaded for classification: clips and files (classify_files), and the
-    signatures the streaming detector calls. Raises SpeechRNNError for a folder that is not a
-    (whole, matching) speechrnn export."""
+    scores the streaming detector calls.
 
-    def __init__(self, model_dir: str | os.PathLike | None = None):
+    ``backend``: "litert" (the export's LiteRT float32 model), "litert-int8" (its int8 model),
+    "tf" (its SavedModel), or None/"auto": LiteRT float32 when the export has it (format 3), else
+    the SavedModel. The LiteRT backends never import TensorFlow. Raises SpeechRNNError for a folder
+    that is not a (whole, matching) speechrnn export, or that lacks the backend asked for.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike | None = None, backend: str | None = None):
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
-        self.meta = read_metadata(self.model_dir)
+        self.meta = read_metadata(self.model_dir, backend)
+        self.backend = choose_backend(self.meta, backend, self.model_dir)
         self.labels: list[str] = self.meta["labels"]
         self.features = FeatureConfig.from_dict(self.meta["features"])
+        self._fns: dict = {}
+        self._lite = None
+        if self.backend != TF:
+            from speechrnn.litert_model import LiteRTModel
+
+            path = self.model_dir / self.meta["litert"][LITERT_VARIANTS[self.backend]]["file"]
+            self._lite = LiteRTModel(path, path, labels=len(self.labels))
+            if (self._lite.frames, self._lite.coefficients) != self.features.shape:
+                raise SpeechRNNError(f"the LiteRT model takes MFCC [{self._lite.frames}, {self._lite.coefficients}], "
+                                     f"not the export's {list(self.features.shape)}", path)
+            log.info("scoring with %s (backend %s, no TensorFlow)", path, self.backend)
+            return
+        from speechrnn.tfutil import import_tf
+
         tf = import_tf(keras=False)
         self._tf = tf
         try:
@@ -90,6 +92,7 @@ class Recognizer:
             raise SpeechRNNError(f"cannot load the SavedModel ({type(exc).__name__})", self.model_dir) from None
         sigs = self._loaded.signatures
         self._fns = {("waveform", False): sigs["serving_default"], ("mfcc", False): sigs["mfcc"]}
+        log.info("scoring with the SavedModel in %s (backend tf)", self.model_dir)
 
     def _fn(self, kind: str, xla: bool):
         """The signature; the XLA sub-export is loaded on first use (streaming), not for one-shot calls."""
@@ -102,15 +105,29 @@ class Recognizer:
         return self._fns[(kind, xla)]
 
     def probabilities(self, waves: np.ndarray, xla: bool = False) -> np.ndarray:
-        """[n, samples] float32 at 16 kHz in [-1, 1] -> probabilities [n, labels], in fixed-size batches
-        (each row a clip; see the export's serving_default for rows longer than one).
+        """[n, samples] float32 at 16 kHz in [-1, 1] -> probabilities [n, labels], in fixed-size batches.
 
-        ``xla``: the compiled signature; ~1-2 s to compile once, then ~10x faster per call.
+        Each row is scored as the export's serving_default scores it: up to a clip (1 s), zero-padded;
+        longer, in 1 s windows every 100 ms and one at the end, the most confident non-silence window.
+        ``xla`` (SavedModel only): the compiled signature; ~1-2 s to compile once, then ~10x faster.
         """
-        return self._batched(self._fn("waveform", xla), "waveform", np.asarray(waves, np.float32))
+        waves = np.asarray(waves, np.float32)
+        if self._lite is None:
+            return self._batched(self._fn("waveform", xla), "waveform", waves)
+        clip = self.features.clip_samples
+        if waves.ndim != 2:
+            raise ValueError(f"expected waveforms [n, samples], got {list(waves.shape)}")
+        if waves.shape[1] <= clip:
+            return self._lite(mfcc_batched(np.pad(waves, ((0, 0), (0, clip - waves.shape[1]))), self.features))
+        return np.stack([self.pick_window(self._lite(mfcc_batched(self.windows(row), self.features))) for row in waves]
+                        ) if len(waves) else np.zeros((0, len(self.labels)), np.float32)
 
     def probabilities_from_mfcc(self, feats: np.ndarray, xla: bool = False) -> np.ndarray:
-        return self._batched(self._fn("mfcc", xla), "mfcc", np.asarray(feats, np.float32))
+        """MFCC [n, frames, coefficients] (one 1 s window each) -> probabilities [n, labels]."""
+        feats = np.asarray(feats, np.float32)
+        if self._lite is not None:
+            return self._lite(feats)
+        return self._batched(self._fn("mfcc", xla), "mfcc", feats)
 
     def _batched(self, fn, name: str, x: np.ndarray) -> np.ndarray:
         if len(x) == 1:

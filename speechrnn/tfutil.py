@@ -1,11 +1,33 @@
 """Import TensorFlow quietly: at import it prints absl/oneDNN/CUDA lines to stderr that
-TF_CPP_MIN_LOG_LEVEL does not silence, and users should not see."""
+TF_CPP_MIN_LOG_LEVEL does not silence, and users should not see. LiteRT's C++ runtime and
+converter print such lines too (silenced_stderr)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import warnings
+
+
+@contextlib.contextmanager
+def silenced_stderr():
+    """File descriptor 2 points at /dev/null meanwhile (C++ libraries write there directly), and
+    Python warnings are ignored. Python errors still surface: an exception propagates after
+    stderr is restored. Imports nothing heavy: the LiteRT path uses it without TensorFlow."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def import_tf(keras: bool = True):
@@ -24,18 +46,11 @@ def import_tf(keras: bool = True):
     legacy = os.environ.get("TF_USE_LEGACY_KERAS")
     if not keras and "keras" not in sys.modules:
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    # Point fd 2 at /dev/null only while the C++ libraries load; Python errors still surface,
-    # because the exception is raised after stderr is restored.
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+    # stderr silenced only while the C++ libraries load (Python errors still surface).
     try:
-        os.dup2(devnull, 2)
-        import tensorflow as tf
+        with silenced_stderr():
+            import tensorflow as tf
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
         if legacy is None:
             os.environ.pop("TF_USE_LEGACY_KERAS", None)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,20 @@ def kokoro_folder() -> Path:
         return check_installed(os.environ["SPEECHRNN_KOKORO"])
     except SpeechRNNError as err:
         pytest.fail(f"{err} (`make kokoro` does it for the tests)")
+
+
+@pytest.fixture(scope="session")
+def litert_model(tmp_path_factory, shared_data) -> Path:
+    """A well-trained 12-class export with LiteRT models (float32 and int8): models/default once it
+    is exported with them; until then a LiteRT-bearing export of its own weights, made here
+    (tests/shipped_litert.py; about a minute)."""
+    shipped = REPO / "models" / "default"
+    meta = json.loads((shipped / "assets" / "speechrnn.json").read_text())
+    if "int8" in meta.get("litert", {}):
+        return shipped
+    from shipped_litert import litert_copy_of
+
+    return litert_copy_of(shipped, tmp_path_factory.mktemp("shipped-litert") / "model", shared_data)
 
 
 @pytest.fixture()

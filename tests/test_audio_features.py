@@ -220,6 +220,24 @@ def test_mfcc_equals_librosa_feature_mfcc(shared_data, config):
     np.testing.assert_allclose(ours, librosa_reference_mfcc(waves, config), rtol=0, atol=5e-3)
 
 
+@pytest.mark.parametrize("args", [(16000, 480, 40, 20.0, 7600.0), (16000, 400, 64, 0.0, 8000.0), (22050, 1024, 80, 30.0, 11025.0)])
+def test_the_numpy_mel_filterbank_is_librosas(args):
+    """Inference builds the filterbank without librosa (a 1-3 s import): it must be librosa's, bit for bit."""
+    import librosa
+    import scipy.signal
+
+    from data_prep.features import mel_filterbank, mfcc_constants
+
+    sr, n_fft, n_mels, fmin, fmax = args
+    ours = mel_filterbank(sr, n_fft, n_mels, fmin, fmax)
+    assert ours.dtype == np.float32 and ours.shape == (n_mels, n_fft // 2 + 1)
+    np.testing.assert_array_equal(ours, librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax))
+    config = FeatureConfig(sample_rate=sr, window_ms=1000 * n_fft / sr, n_mels=n_mels, n_mfcc=n_mels, fmin=fmin,
+                           fmax=fmax)
+    np.testing.assert_array_equal(mfcc_constants(config)["window"],
+                                  scipy.signal.get_window("hann", n_fft, fftbins=True).astype(np.float32))
+
+
 def test_stream_context_windows_follow_the_energy(shared_data):
     """Words cut as a sliding detector sees them: beside a neighbour, at a random offset. The label
     follows where the energy falls: the command, the neighbour command, or unknown for fragments."""

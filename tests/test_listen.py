@@ -3,8 +3,9 @@ model never trained on), the real CLI in subprocesses, and, for the microphone, 
 capturing in real time from a virtual microphone (a private PulseAudio null sink, see
 tests/virtual_mic.py) while the words are played into it.
 
-Each listener costs several seconds of CPU (TensorFlow import + XLA compile), so the module starts
-them early and concurrently and collects them in the tests (see "runs started early" below).
+The listeners run on the model's LiteRT interpreter (no TensorFlow), as `listen` does by default;
+each still costs some CPU to start, so the module starts them early and concurrently and collects
+them in the tests (see "runs started early" below).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 from virtual_mic import running_virtual_mic
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 from data_prep.audio import fix_length, load_audio, write_wav
 from data_prep.dataset import BACKGROUND_DIR, SpeechCommands
 from speechrnn.streaming import StreamConfig
@@ -50,16 +51,15 @@ CLI = "from speechrnn.cli import main; main()"
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> Path:
-    """The shipped model once there is one, else the one named by SPEECHRNN_TEST_MODEL."""
-    shipped = REPO / "models" / "default"
-    if (shipped / "assets" / "speechrnn.json").exists():
-        return shipped
+def model_dir(request) -> Path:
+    """The model named by SPEECHRNN_TEST_MODEL, else the shipped model's weights with LiteRT models
+    (conftest.litert_model): the listeners run on the LiteRT interpreter, as `listen` does by default."""
     named = os.environ.get("SPEECHRNN_TEST_MODEL")
-    if named and (Path(named) / "assets" / "speechrnn.json").exists():
+    if named:
+        if not (Path(named) / "assets" / "speechrnn.json").exists():
+            pytest.fail(f"SPEECHRNN_TEST_MODEL={named!r} is not an exported model folder", pytrace=False)
         return Path(named)
-    pytest.fail(f"no trained model: expected {shipped}/assets/speechrnn.json, or SPEECHRNN_TEST_MODEL "
-                f"naming an exported model folder (it is {named!r})", pytrace=False)
+    return request.getfixturevalue("litert_model")
 
 
 @pytest.fixture(scope="session")
@@ -391,6 +391,13 @@ def mic_session(calibration, virtual_mic, named_listener, sequence, timed_listen
 
 # -- the microphone ---------------------------------------------------------------------------------
 
+def check_backend(run: CliRun) -> None:
+    """A model with LiteRT models is listened with on the LiteRT interpreter (logged with -v)."""
+    model = Path(run.args[run.args.index("listen") + 1])
+    if "litert" in json.loads((model / "assets" / "speechrnn.json").read_text()):
+        assert "(backend litert, no TensorFlow)" in run.stderr, run.describe()
+
+
 def check_heard(run: CliRun, session: MicSession) -> None:
     """The played words, in order, nothing else, at times spaced like the words in the file."""
     detections = run.detections()
@@ -402,6 +409,7 @@ def check_heard(run: CliRun, session: MicSession) -> None:
     assert offsets.max() - offsets.min() < 0.5, f"not spaced like the clips: {times} vs {session.sequence.expected_times()}"
     assert all(StreamConfig().threshold <= d["score"] <= 1.0 for d in detections), detections
     assert "Traceback" not in run.stderr, run.describe()
+    check_backend(run)
 
 
 def test_microphone_hears_the_played_words_and_stops_after_duration(mic_session):
@@ -448,6 +456,7 @@ def test_input_file_gives_the_words_at_their_positions(input_run, sequence):
         # a higher threshold, so up to a few hops later, and at other hop alignments).
         assert abs(detection["time"] - (placement.start + placement.delay)) <= 0.45, (placement, detection)
     assert f"listened {sequence.seconds:.1f}s: {len(WORDS)} detections" in run.stderr, run.describe()
+    check_backend(run)
 
 
 # -- devices and faults ----------------------------------------------------------------------------

@@ -68,6 +68,14 @@ def test_export_contract(trained):
     meta = json.loads((export / "assets" / "speechrnn.json").read_text())
     assert meta["features"] == FeatureConfig().to_dict() and meta["labels"] == labels
     assert meta["training"]["best_epoch"] >= 1 and meta["metrics"]["validation"]["accuracy"] > 0
+    assert meta["format_version"] == 3 and meta["metrics_source"] == "recorded by training"
+    # The metrics the run recorded at its best checkpoint are the export's.
+    assert json.loads((trained["run"] / "summary.json").read_text())["metrics"] == meta["metrics"]
+    lite = meta["litert"]["float32"]
+    assert lite["file"] == "litert/model_float32.tflite" and lite["max_abs_difference_from_keras"] < 1e-4
+    assert lite["checked_on_clips"] > 100 and (export / lite["file"]).stat().st_size > 0
+    # int8 is kept only when it agrees with float32 (this 6-epoch model is too unsure of itself for that)
+    assert ("int8" in meta["litert"]) != ("int8_skipped" in meta["litert"])
     # data folders are named, never located: no path of the training machine in the export
     assert meta["training"]["data"] == meta["training"]["run_config"]["data"] == ["speech_commands"]
     assert str(trained["data"].parent) not in (export / "assets" / "speechrnn.json").read_text()
@@ -89,7 +97,7 @@ def test_classifying_does_not_load_keras(trained, shared_data):
     script = textwrap.dedent(f"""
         import sys
         from speechrnn.recognizer import Recognizer
-        result = Recognizer({str(trained['export'])!r}).classify_files([{clip!r}])[0]
+        result = Recognizer({str(trained['export'])!r}, "tf").classify_files([{clip!r}])[0]
         print("keras" in sys.modules, result.label, repr(result.score))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -98,7 +106,7 @@ def test_classifying_does_not_load_keras(trained, shared_data):
     assert loaded == "False"
     from speechrnn.recognizer import Recognizer
 
-    with_keras = Recognizer(trained["export"]).classify_files([clip])[0]  # this process has Keras loaded
+    with_keras = Recognizer(trained["export"], "tf").classify_files([clip])[0]  # this process has Keras loaded
     assert (with_keras.label, float(score)) == (label, pytest.approx(with_keras.score, abs=1e-6))
 
 
@@ -131,6 +139,135 @@ def test_saved_model_loads_without_speechrnn_and_matches_the_keras_model(trained
     assert labels == [["_silence_", "_unknown_", "yes", "no", "up", "down"][i] for i in keras_probs.argmax(1)]
 
 
+def real_clips(shared_data, n: int, split: str = "validation") -> np.ndarray:
+    """``n`` real one-second clips of a split (the task's labels, silence cuts included)."""
+    from data_prep.extract import WaveformLoader
+
+    examples = SpeechCommands.open(shared_data).examples(TaskConfig(tuple(WORDS.split(","))), split)
+    chosen = examples[:: max(1, len(examples) // n)][:n]
+    return WaveformLoader(FeatureConfig()).load_many(chosen)[0]
+
+
+def test_litert_gives_the_saved_models_probabilities(trained):
+    """The export's LiteRT model (no TensorFlow) and its SavedModel, on real clips: the same network
+    within 1e-4 on the same MFCC; from the waveform (numpy MFCC against the graph's) the same labels."""
+    from speechrnn.recognizer import Recognizer
+
+    waves = real_clips(trained["data"], 96)
+    feats = mfcc(waves, FeatureConfig())
+    lite, saved = Recognizer(trained["export"]), Recognizer(trained["export"], "tf")
+    assert (lite.backend, saved.backend) == ("litert", "tf")
+    np.testing.assert_allclose(lite.probabilities_from_mfcc(feats), saved.probabilities_from_mfcc(feats), atol=1e-4)
+    np.testing.assert_allclose(lite.probabilities_from_mfcc(feats[:1]), saved.probabilities_from_mfcc(feats[:1]),
+                               atol=1e-4)  # the batch-1 interpreter (listening)
+    from_waves = lite.probabilities(waves)
+    np.testing.assert_allclose(from_waves, saved.probabilities(waves), atol=2e-3)
+    assert np.mean(from_waves.argmax(1) == saved.probabilities(waves).argmax(1)) >= 0.98
+    # Longer than a clip: the windows and the choice among them as serving_default makes them.
+    quiet = np.zeros(6400, np.float32)
+    long = np.concatenate([quiet, waves[0], quiet])[None]
+    np.testing.assert_allclose(lite.probabilities(long), saved.probabilities(long), atol=2e-3)
+
+
+def test_classify_and_listen_on_litert_never_import_tensorflow(trained, tmp_path):
+    """In one process: `classify` and a short `listen --input` of an export with LiteRT models, then
+    a look at sys.modules: no TensorFlow (nor Keras, librosa). With --backend tf it is there (so the
+    look can see it)."""
+    waves = real_clips(trained["data"], 3)
+    for i, wave in enumerate(waves):
+        sf.write(tmp_path / f"clip{i}.wav", wave, 16000)
+    sf.write(tmp_path / "stream.wav", np.concatenate([np.zeros(8000, np.float32), *waves]), 16000)
+    clips = [str(tmp_path / f"clip{i}.wav") for i in range(3)]
+    script = textwrap.dedent("""
+        import json, os, sys
+        os._exit = sys.exit  # the CLI ends with os._exit: here it returns, to look at sys.modules after
+        from speechrnn.cli import main
+        backend, export, stream, *clips = sys.argv[1:]
+        for args in (["classify", export, *clips, "--json"], ["listen", export, "--input", stream, "--json"]):
+            try:
+                main([*args, "--backend", backend])
+            except SystemExit as done:
+                assert not done.code, done.code
+            loaded = [name for name in ("tensorflow", "keras", "librosa") if name in sys.modules]
+            print(json.dumps({"after": args[0], "loaded": loaded}))
+    """)
+    answers = {}
+    for backend in ("auto", "tf"):
+        result = subprocess.run([sys.executable, "-c", script, backend, str(trained["export"]),
+                                 str(tmp_path / "stream.wav"), *clips], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [json.loads(line) for line in result.stdout.splitlines()]
+        loaded = {line["after"]: line["loaded"] for line in lines if "after" in line}
+        answers[backend] = [(line["path"], line["label"]) for line in lines if "path" in line]
+        if backend == "auto":
+            assert loaded == {"classify": [], "listen": []}, loaded
+        else:
+            assert "tensorflow" in loaded["classify"] and "tensorflow" in loaded["listen"], loaded
+    assert len(answers["auto"]) == 3 and answers["auto"] == answers["tf"]
+
+
+def test_a_damaged_litert_model_is_one_line(trained, tmp_path):
+    """A LiteRT file changed after export: classify and listen refuse the folder in one line; the
+    SavedModel (--backend tf) is untouched and still answers; the interpreter's own refusal of a
+    file that is not a LiteRT model is one line too."""
+    import shutil
+
+    from data_prep.errors import SpeechRNNError
+    from speechrnn.litert_model import LiteRTModel
+
+    copy = tmp_path / "model"
+    shutil.copytree(trained["export"], copy)
+    lite = copy / "litert" / "model_float32.tflite"
+    data = bytearray(lite.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    lite.write_bytes(bytes(data))
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, real_clips(trained["data"], 1)[0], 16000)
+    expected = (f"error: {copy}: litert/model_float32.tflite is not the LiteRT model this export was written with "
+                "(damaged or replaced); export the run again")
+    for args in (["classify", str(copy), str(clip)], ["listen", str(copy), "--input", str(clip)]):
+        result = run_cli(*args)
+        assert result.returncode == 1 and result.stderr.splitlines() == [expected], (args, result.stderr)
+    assert run_cli("classify", str(copy), str(clip), "--backend", "tf").returncode == 0
+    lite.write_bytes(bytes(data[:5000]))
+    with pytest.raises(SpeechRNNError, match="damaged LiteRT model"):
+        LiteRTModel(lite)
+    info = run_cli("info", str(copy))
+    assert info.returncode == 1 and "is not the LiteRT model this export was written with" in info.stderr
+
+
+def test_export_needs_only_the_run_folder(trained, tmp_path):
+    """A copy of the run whose data folders are gone exports with the metrics the run recorded; a
+    copy without the record (a run trained before runs kept one) has them computed from the data
+    folders, as before, and says so."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(trained["run"], moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"] = [str(tmp_path / "gone" / "speech_commands")]
+    (moved / "config.json").write_text(json.dumps(config))
+    result = run_cli("export", str(moved), str(tmp_path / "a"), env=trained["env"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((tmp_path / "a" / "assets" / "speechrnn.json").read_text())
+    original = json.loads((trained["export"] / "assets" / "speechrnn.json").read_text())
+    assert meta["metrics"] == original["metrics"] and meta["metrics_source"] == "recorded by training"
+
+    older = tmp_path / "older"
+    shutil.copytree(trained["run"], older)
+    (older / "export_data.npz").unlink()
+    result = run_cli("export", str(older), str(tmp_path / "b"), env=trained["env"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "has no record of its validation results (trained before runs kept one): computing the metrics" \
+        in result.stderr
+    meta = json.loads((tmp_path / "b" / "assets" / "speechrnn.json").read_text())
+    assert meta["metrics_source"] == "computed at export from the data folders"
+    assert set(meta["metrics"]) == set(original["metrics"]) == {"validation"}  # no held-out words in this task
+    for split in meta["metrics"]:
+        for key in ("accuracy", "examples", "balanced_accuracy"):
+            assert meta["metrics"][split][key] == pytest.approx(original["metrics"][split][key], abs=1e-9), (split, key)
+
+
 def test_in_graph_mfcc_equals_librosa_on_real_clips(shared_data):
     """Tolerance: 2e-3 absolute on coefficients that span about -600..+200 (measured max 3.2e-4)."""
     from data_prep.features import mfcc_constants
@@ -150,7 +287,7 @@ def test_in_graph_mfcc_equals_librosa_on_real_clips(shared_data):
 def test_xla_signatures_agree_with_plain_ones(trained):
     from speechrnn.recognizer import Recognizer
 
-    rec = Recognizer(trained["export"])
+    rec = Recognizer(trained["export"], "tf")
     waves = np.stack([fix_length(load_audio(ex.path), 16000) for ex in held_out_clips(trained["data"], 3)])
     np.testing.assert_allclose(rec.probabilities(waves, xla=True), rec.probabilities(waves), atol=1e-4)
     np.testing.assert_allclose(rec.probabilities_from_mfcc(mfcc(waves), xla=True), rec.probabilities(waves), atol=1e-4)
@@ -292,7 +429,21 @@ def test_info_shows_metrics(trained):
     assert result.returncode == 0, result.stderr
     assert "2xbigru32-attention" in result.stdout and "validation  accuracy" in result.stdout
     assert "class-balanced" in result.stdout
+    backends = next(line for line in result.stdout.splitlines() if line.startswith("backends"))
+    assert backends.startswith("backends    litert (LiteRT float32, no TensorFlow, default); "), backends
+    assert "; tf (the SavedModel, TensorFlow)" in backends, backends
     assert json.loads(run_cli("info", str(trained["export"]), "--json").stdout)["size_bytes"] > 0
+    shipped = run_cli("info")  # models/default: an export from before LiteRT
+    assert "backends    tf (the SavedModel, TensorFlow, default); no LiteRT model" in shipped.stdout, shipped.stdout
+    asked = run_cli("classify", "--backend", "litert", str(trained["data"] / "yes" / "004ae714_nohash_0.flac"))
+    assert asked.returncode == 1 and asked.stderr.startswith("error: ") and len(asked.stderr.splitlines()) == 1
+    assert "this export has no litert model (it was exported before LiteRT models were (format 1); export the " \
+           "run again); it offers: tf" in asked.stderr
+    int8 = run_cli("classify", str(trained["export"]), "--backend", "litert-int8",
+                   str(trained["data"] / "yes" / "004ae714_nohash_0.flac"))
+    meta = json.loads((trained["export"] / "assets" / "speechrnn.json").read_text())
+    if "int8" not in meta["litert"]:  # refused for the reason the export recorded
+        assert int8.returncode == 1 and meta["litert"]["int8_skipped"] in int8.stderr
 
 
 def test_long_file_rule_picks_the_most_confident_non_silence_window(trained):
@@ -330,7 +481,12 @@ def test_export_of_several_runs_averages_their_probabilities(trained, tmp_path):
     assert np.abs(members[0] - members[1]).max() > 0.05  # two different models, so the mean means something
     rec = Recognizer(out)
     np.testing.assert_allclose(rec.probabilities_from_mfcc(feats), np.mean(members, axis=0), atol=1e-4)
-    np.testing.assert_allclose(rec.probabilities_from_mfcc(feats[:1], xla=True), np.mean(members, axis=0)[:1], atol=1e-4)
+    saved = Recognizer(out, "tf")
+    np.testing.assert_allclose(saved.probabilities_from_mfcc(feats), np.mean(members, axis=0), atol=1e-4)
+    np.testing.assert_allclose(saved.probabilities_from_mfcc(feats[:1], xla=True), np.mean(members, axis=0)[:1], atol=1e-4)
+    assert rec.backend == "litert"  # the ensemble's LiteRT model: both members' graphs, averaged
+    meta = json.loads((out / "assets" / "speechrnn.json").read_text())
+    assert meta["metrics_source"] == "recorded by training"  # from the mean of the members' recorded probabilities
     info = run_cli("info", str(out))
     assert "mean of 2: 2xbigru32-attention + 2xbigru32-attention" in info.stdout
     assert info.stdout.count("epochs (best") == 2 and "own thresholds up 0.9 " in info.stdout
@@ -378,7 +534,7 @@ def test_serving_default_scores_any_length_like_classify(trained, tmp_path):
 
     from speechrnn.recognizer import Recognizer
 
-    rec = Recognizer(trained["export"])
+    rec = Recognizer(trained["export"], "tf")  # classify on the SavedModel, as serving_default scores
     word, clip = word_clip_the_model_knows(rec, trained["data"])
     quiet = load_audio(trained["data"] / "_background_noise_" / "pink_noise.flac")[-48000:] * 0.01
     # 2.55 s, the word at 1.2-2.2 s: windows at 0, 0.1 ... 1.5 s and one ending at the last sample (1.55 s)
