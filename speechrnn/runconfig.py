@@ -53,7 +53,7 @@ class TrainConfig:
         if self.domain_adversarial < 0:
             raise ValueError("domain_adversarial must be >= 0")
         if self.negatives_fraction < 0 or (self.negatives_fraction > 0 and not self.negatives):
-            raise ValueError("negatives_fraction must be >= 0, and > 0 only with negatives folders")
+            raise ValueError("negatives_fraction must be >= 0, and > 0 only with negatives folders (--negatives DIR)")
 
     def to_dict(self) -> dict:
         return {

@@ -14,7 +14,9 @@ from speechrnn.runconfig import TrainConfig
 MODEL_OPTIONS = ("cell", "layers", "units", "bidirectional", "pooling", "dropout")
 
 
-def load_recipe(path: str) -> TrainConfig:
+def load_recipe(path: str, given: dict | None = None) -> TrainConfig:
+    """The TrainConfig of a recipe file, with ``given`` (fields from the command line, e.g. the
+    negatives folders a recipe's negatives_fraction needs) set before it is checked."""
     try:
         data = json.loads(Path(path).read_text())
     except ValueError as exc:
@@ -26,6 +28,7 @@ def load_recipe(path: str) -> TrainConfig:
         if key not in base:
             raise SpeechRNNError(f"unknown recipe key {key!r}", path)
         base[key] = {**base[key], **value} if isinstance(base[key], dict) else value
+    base.update({k: v for k, v in (given or {}).items() if v is not None})
     try:
         return TrainConfig.from_dict(base)
     except (TypeError, ValueError) as exc:
@@ -33,7 +36,8 @@ def load_recipe(path: str) -> TrainConfig:
 
 
 def make_train_config(recipe, data, train_only, words, no_augment, options: dict) -> TrainConfig:
-    config = load_recipe(recipe) if recipe else TrainConfig(data=[])
+    given = {"negatives": options.get("negatives")}
+    config = load_recipe(recipe, given) if recipe else TrainConfig(data=[])
     if data:
         config.data = list(data)
     if train_only:

@@ -135,11 +135,12 @@ def test_domain_adversarial_training_resumes_and_exports_without_its_head(tmp_pa
     synthesize_sentences(talk, no_command_sentences(4, 1), "espeak", seed=1, show_progress=False)
     run, export = tmp_path / "run", tmp_path / "export"
     recipe = tmp_path / "recipe.json"  # and words cut as a sliding window meets them, running speech as negatives
-    recipe.write_text(json.dumps({"augment": {"context_probability": 0.5}}))
+    # (a recipe's negatives_fraction with the folders given on the command line, as for the default)
+    recipe.write_text(json.dumps({"augment": {"context_probability": 0.5}, "negatives_fraction": 0.25}))
     args = ["--config", str(recipe), "--data", str(shared_data), "--train-only", str(synth), "--words", "yes,no",
             "--units", "16", "--layers", "1", "--max-per-label", "40", "--batch-size", "16", "--seed", "2",
             "--domain-adversarial", "0.5", "--train-only-unknown", "all", "--negatives", str(talk),
-            "--negatives-fraction", "0.25", "--out", str(run)]
+            "--out", str(run)]
     first = run_cli("train", *args, "--epochs", "2", env={"SPEECHRNN_CACHE": str(tmp_path / "cache")})
     assert first.returncode == 0, first.stderr[-2000:]
     assert "domain acc" in first.stderr and "(reversal 0.00)" in first.stderr
