@@ -171,7 +171,8 @@ def stream_context(
     track_a, track_b = np.zeros(length, np.float32), np.zeros(length, np.float32)
     track_a[-lo : -lo + n] = wave
     track_b[shift - lo : shift - lo + n] = neighbour
-    first = max(0, a0 - lo - n + sample_rate // 10)
+    # (a word whose speech lies within 100 ms of a clip's edge: the window stays inside the track)
+    first = min(max(0, a0 - lo - n + sample_rate // 10), length - n)
     last = min(length - n, a1 - lo - sample_rate // 10)
     start = int(rng.integers(first, max(first, last) + 1))
     inside = slice(start, start + n)

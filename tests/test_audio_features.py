@@ -264,6 +264,14 @@ def test_stream_context_windows_follow_the_energy(shared_data):
     assert {2, 3} <= seen["yes beside no"] <= {1, 2, 3}
     assert {1, 3} <= seen["bed beside no"] <= {1, 3}
     assert clip["yes"].shape == (16000,)  # inputs untouched
+    # words at a clip's very edge (speech in its last or first 50 ms, as a time shift leaves some
+    # real clips): still a whole window, with speech in it
+    late, early = np.zeros(16000, np.float32), np.zeros(16000, np.float32)
+    late[-800:], early[:800] = clip["yes"][6000:6800], clip["yes"][6000:6800]
+    for a, b in ((late, clip["no"]), (early, clip["no"]), (late, late), (early, early), (late, early)):
+        for seed in range(40):
+            window, _ = stream_context(a, b, 2, 3, np.random.default_rng(seed), is_command, 1)
+            assert window.shape == (16000,) and np.abs(window).max() > 0
 
 
 def test_negative_windows_are_cut_from_the_recordings():
