@@ -294,7 +294,7 @@ def sentence_material(minutes: float, speakers: int) -> list[Path]:
                    "--engine", engine, "--seed", str(seed), "--speakers", str(speakers), "--part", "heldout",
                    *(["--min-voices", "2"] if engine == "kokoro" else [])]
             info(f"making the sentences: {' '.join(cmd)}")
-            if subprocess.run(cmd, cwd=REPO).returncode:
+            if subprocess.run(cmd, cwd=REPO, stdout=sys.stderr).returncode:
                 raise SystemExit(f"`{' '.join(cmd)}` failed")
         folders.append(out)
     return folders

@@ -1,12 +1,9 @@
-"""A LiteRT-bearing export of the shipped model's own weights, for tests that need a well-trained
-12-class model on the LiteRT path while models/default is an export made before LiteRT (format 1).
+"""Real clips as MFCC, and the Keras model of an export rebuilt from its SavedModel, for the LiteRT tests.
 
-The Keras model is rebuilt from the shipped SavedModel: its architecture from the metadata, its
-weights from the SavedModel's variables (named by their Keras paths), the normalisation statistics
-from the constants its `mfcc` signature captured; the rebuilt model must give the SavedModel's
-probabilities on real clips (else the tests fail here), and is then exported with the product's own
-write_export and litert_models, checked on real clips like any run's export.
-Once models/default is exported again (format 3), tests use it directly.
+The Keras model is rebuilt from the SavedModel: its architecture from the metadata, its weights from
+the SavedModel's variables (named by their Keras paths), the normalisation statistics from the
+constants its `mfcc` signature captured; the rebuilt model must give the SavedModel's probabilities
+on real clips (else the tests fail here).
 """
 
 from __future__ import annotations
@@ -22,14 +19,9 @@ from data_prep.dataset import SpeechCommands, TaskConfig
 from data_prep.features import FeatureConfig, mfcc
 
 
-def real_mfcc(shared_data: Path, task: TaskConfig, split: str, count: int, config: FeatureConfig,
-              avoid: int = 0) -> np.ndarray:
-    """MFCC of ``count`` real clips of a split, spread over its examples (no silence cuts), none of
-    them among the ``avoid`` clips that real_mfcc(..., count=avoid) chooses."""
+def real_mfcc(shared_data: Path, task: TaskConfig, split: str, count: int, config: FeatureConfig) -> np.ndarray:
+    """MFCC [count, 98, 40] of ``count`` real clips of a split, spread over its examples (no silence cuts)."""
     examples = [ex for ex in SpeechCommands.open(shared_data).examples(task, split) if not ex.is_cut]
-    if avoid:
-        taken = set(examples[:: max(1, len(examples) // avoid)][:avoid])
-        examples = [ex for ex in examples if ex not in taken]
     chosen = examples[:: max(1, len(examples) // count)][:count]
     return mfcc(np.stack([fix_length(load_audio(ex.path), config.clip_samples) for ex in chosen]), config)
 
@@ -56,17 +48,3 @@ def keras_model_of(export: Path, clips: np.ndarray):
         if np.abs(model.predict(clips, verbose=0) - expected).max() < 1e-5:
             return config, model
     raise AssertionError(f"could not rebuild {export}'s Keras model from its SavedModel")
-
-
-def litert_copy_of(shipped: Path, out: Path, shared_data: Path) -> Path:
-    from speechrnn.export import write_export
-    from speechrnn.litert_export import litert_models
-
-    meta = json.loads((shipped / "assets" / "speechrnn.json").read_text())
-    features = FeatureConfig.from_dict(meta["features"])
-    clips = real_mfcc(shared_data, TaskConfig.from_dict(meta["task"]), "validation", 256, features)
-    config, model = keras_model_of(shipped, clips)
-    litert = litert_models([model], [config], features.shape, model, clips)
-    keep = {k: v for k, v in meta.items() if k in ("task", "model", "training", "metrics", "streaming")}
-    keep["rebuilt_from"] = f"{shipped} (format {meta.get('format_version', 1)}), for the tests"
-    return write_export(model, meta["labels"], features, out, keep, litert)
