@@ -424,7 +424,22 @@ def test_classify_rejects_a_folder_that_is_not_a_model(tmp_path, shared_data):
     assert result.returncode == 1 and "not a speechrnn export" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_info_shows_metrics(trained):
+def format_1_copy(export: Path, out: Path) -> Path:
+    """A copy of an export as exports were before LiteRT models and graph checksums (format 1)."""
+    import shutil
+
+    shutil.copytree(export, out)
+    shutil.rmtree(out / "litert")
+    meta_path = out / "assets" / "speechrnn.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("litert", "graph_sha256", "metrics_source"):
+        meta.pop(key, None)
+    meta["format_version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    return out
+
+
+def test_info_shows_metrics(trained, tmp_path):
     result = run_cli("info", str(trained["export"]))
     assert result.returncode == 0, result.stderr
     assert "2xbigru32-attention" in result.stdout and "validation  accuracy" in result.stdout
@@ -433,9 +448,11 @@ def test_info_shows_metrics(trained):
     assert backends.startswith("backends    litert (LiteRT float32, no TensorFlow, default); "), backends
     assert "; tf (the SavedModel, TensorFlow)" in backends, backends
     assert json.loads(run_cli("info", str(trained["export"]), "--json").stdout)["size_bytes"] > 0
-    shipped = run_cli("info")  # models/default: an export from before LiteRT
-    assert "backends    tf (the SavedModel, TensorFlow, default); no LiteRT model" in shipped.stdout, shipped.stdout
-    asked = run_cli("classify", "--backend", "litert", str(trained["data"] / "yes" / "004ae714_nohash_0.flac"))
+    shipped = run_cli("info")  # models/default: LiteRT too
+    assert "backends    litert (LiteRT float32, no TensorFlow, default); litert-int8" in shipped.stdout, shipped.stdout
+    old = format_1_copy(trained["export"], tmp_path / "old")  # an export from before LiteRT
+    assert "backends    tf (the SavedModel, TensorFlow, default); no LiteRT model" in run_cli("info", str(old)).stdout
+    asked = run_cli("classify", str(old), "--backend", "litert", str(trained["data"] / "yes" / "004ae714_nohash_0.flac"))
     assert asked.returncode == 1 and asked.stderr.startswith("error: ") and len(asked.stderr.splitlines()) == 1
     assert "this export has no litert model (it was exported before LiteRT models were (format 1); export the " \
            "run again); it offers: tf" in asked.stderr
@@ -594,17 +611,17 @@ def save_other_model(tf, folder: Path, labels: int, frames: tuple[int, int], sam
 
 
 def test_an_export_overwritten_by_another_model_is_refused(trained, tmp_path, shared_data):
-    """classify, listen and info: one clear error, no traceback, for a copy of the shipped model with
-    another graph saved over it (its metadata is stale), and for a copy of a new export with another
-    graph of the very same interface (its recorded sha256 no longer matches)."""
+    """classify, listen and info: one clear error, no traceback, for a copy of an export from before
+    graph checksums with another graph saved over it (its metadata is stale: the signatures tell),
+    and for a copy of a new export with another graph of the very same interface (its recorded
+    sha256 no longer matches)."""
     import shutil
 
     import tensorflow as tf
 
     clip = str(sorted((shared_data / "yes").iterdir())[0])
-    shipped = tmp_path / "default"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "models" / "default", shipped)
-    save_other_model(tf, shipped, 12, (98, 40), same_interface=False)
+    shipped = format_1_copy(trained["export"], tmp_path / "default")  # an export without graph checksums
+    save_other_model(tf, shipped, 6, (98, 40), same_interface=False)
     lookalike = tmp_path / "lookalike"
     shutil.copytree(trained["export"], lookalike)
     assert run_cli("info", str(lookalike)).returncode == 0  # a copy is still the export it was
