@@ -389,6 +389,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="recipe (TrainConfig JSON)")
     parser.add_argument("--data", action="append", help=f"Speech Commands folder (repeatable) [{DEFAULT_DATA}]")
     parser.add_argument("--train-only", action="append", default=[], help="train-only folder (repeatable)")
+    parser.add_argument("--negatives", action="append", default=[],
+                        help="running-speech folder for the recipe's negatives_fraction (repeatable; none: 0)")
     parser.add_argument("--max-per-label", type=int, default=300, help="cap training clips per label (0: all)")
     parser.add_argument("--epochs", type=int, default=None, help="Trainer epochs [4; with --scale 2]")
     parser.add_argument("--steps", type=int, default=0, help="model-only steps (default: one epoch's, or the sample's)")
@@ -403,8 +405,11 @@ def main() -> None:
     if args.epochs < 2 and not args.skip_trainer and not args.scale:
         parser.error("--epochs must be at least 2 (epoch 1 is not steady state)")
 
+    # the recipe's running-speech windows only with --negatives folders (the data path of real clips otherwise)
+    negatives = {"negatives": args.negatives} if args.negatives else {"negatives_fraction": 0.0}
     cfg = make_train_config(args.config, args.data or [str(DEFAULT_DATA)], args.train_only, None, False,
-                            {"max_per_label": 0 if args.scale else args.max_per_label, "epochs": args.epochs})
+                            {"max_per_label": 0 if args.scale else args.max_per_label, "epochs": args.epochs,
+                             **negatives})
     info(f"{cfg.model.name}, batch {cfg.batch_size}; load average {os.getloadavg()}")
     report = scale_report(args, cfg) if args.scale else subset_report(args, cfg)
     report["machine"] = {

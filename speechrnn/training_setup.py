@@ -36,7 +36,7 @@ def load_recipe(path: str, given: dict | None = None) -> TrainConfig:
 
 
 def make_train_config(recipe, data, train_only, words, no_augment, options: dict) -> TrainConfig:
-    given = {"negatives": options.get("negatives")}
+    given = {k: options.get(k) for k in ("negatives", "negatives_fraction")}
     config = load_recipe(recipe, given) if recipe else TrainConfig(data=[])
     if data:
         config.data = list(data)
