@@ -61,7 +61,7 @@ TALK_DIR ?= $(SPEECHRNN_CACHE)/talk
 DEFAULT_THRESHOLDS ?=
 
 # Every synthetic set the default model trains on (recipes/synth.json: both engines, the ten
-# commands and the unknown vocabulary; ~18,000 clips, Kokoro's ~9,000 take most of an hour here),
+# commands and the unknown vocabulary; ~18,000 clips: Kokoro's 9,056 take ~45 min here idle at 3.5 clips/s),
 # and running speech for negatives. Sets already complete are kept; a killed run resumes.
 synth: kokoro
 	@test -d $(SHARED) || { echo "no dataset at $(SHARED): set SHARED=/path/to/speech_commands"; exit 1; }
@@ -70,7 +70,7 @@ synth: kokoro
 	test -f $(TALK_DIR)/kokoro-train/synth.json || $(VENV)/bin/speechrnn data sentences --out $(TALK_DIR)/kokoro-train --count 700 --engine kokoro --speakers 300 --seed 31
 # models/default from scratch: the synthetic sets and running speech above, then recipes/default.json
 # on both shared folders of real recordings plus that speech, exported and scored on every unseen
-# real clip. Here (2 cores): synthesis ~1 h 20 min, training ~45 min.
+# real clip. Here (2 cores): synthesis 1-2 h, training ~50 min.
 default-model: synth
 	rm -rf runs/default
 	$(VENV)/bin/speechrnn train --config recipes/default.json --data $(SHARED) --data $(EXTRA) \
