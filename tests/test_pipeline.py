@@ -4,6 +4,7 @@ back (also where speechrnn cannot be imported), evaluate and classify."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -210,7 +211,6 @@ def test_a_damaged_litert_model_is_one_line(trained, tmp_path):
     """A LiteRT file changed after export: classify and listen refuse the folder in one line; the
     SavedModel (--backend tf) is untouched and still answers; the interpreter's own refusal of a
     file that is not a LiteRT model is one line too."""
-    import shutil
 
     from data_prep.errors import SpeechRNNError
     from speechrnn.litert_model import LiteRTModel
@@ -240,8 +240,6 @@ def test_export_needs_only_the_run_folder(trained, tmp_path):
     """A copy of the run whose data folders are gone exports with the metrics the run recorded; a
     copy without the record (a run trained before runs kept one) has them computed from the data
     folders, as before, and says so."""
-    import shutil
-
     moved = tmp_path / "moved"
     shutil.copytree(trained["run"], moved)
     config = json.loads((moved / "config.json").read_text())
@@ -426,8 +424,6 @@ def test_classify_rejects_a_folder_that_is_not_a_model(tmp_path, shared_data):
 
 def format_1_copy(export: Path, out: Path) -> Path:
     """A copy of an export as exports were before LiteRT models and graph checksums (format 1)."""
-    import shutil
-
     shutil.copytree(export, out)
     shutil.rmtree(out / "litert")
     meta_path = out / "assets" / "speechrnn.json"
@@ -615,8 +611,6 @@ def test_an_export_overwritten_by_another_model_is_refused(trained, tmp_path, sh
     graph checksums with another graph saved over it (its metadata is stale: the signatures tell),
     and for a copy of a new export with another graph of the very same interface (its recorded
     sha256 no longer matches)."""
-    import shutil
-
     import tensorflow as tf
 
     clip = str(sorted((shared_data / "yes").iterdir())[0])
